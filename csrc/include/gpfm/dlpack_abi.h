@@ -1,0 +1,38 @@
+// The DLPack C ABI (v0.8 "unversioned" DLManagedTensor), as exchanged through the "dltensor"
+// capsule of obj.__dlpack__(). Only the struct layout is needed to read a borrowed tensor.
+#pragma once
+#include <cstdint>
+
+namespace gpfm::dlpack {
+
+enum DeviceType : int32_t { kCPU = 1, kCUDA = 2, kCUDAHost = 3, kCUDAManaged = 13 };
+enum TypeCode : uint8_t { kInt = 0, kUInt = 1, kFloat = 2, kBfloat = 4 };
+
+struct Device {
+  int32_t device_type;
+  int32_t device_id;
+};
+
+struct DataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; NULL means C-contiguous
+  uint64_t byte_offset;
+};
+
+struct ManagedTensor {
+  Tensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensor* self);
+};
+
+}  // namespace gpfm::dlpack

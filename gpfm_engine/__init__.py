@@ -1,0 +1,14 @@
+"""gpfm-engine: whole-slide images to GPFM foundation-model features, fast and verifiably right.
+
+The public surface is deliberately small; everything else is reachable through its submodule.
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("gpfm-engine")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,62 @@
+"""The ``gpfm-engine`` command line. Each command is a thin shell over a library function."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gpfm_engine import __version__
+
+console = Console(stderr=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpfm-engine")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Whole-slide images to GPFM foundation-model features."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _print_environment(as_json: bool) -> None:
+    from gpfm_engine.environment import report
+
+    data = report()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    versions = Table(title="gpfm-engine", show_header=False)
+    for k, v in data["versions"].items():
+        versions.add_row(k, str(v))
+    console.print(versions)
+    build = Table(title="compiled extension (gpfm_engine._core)", show_header=False)
+    for k, v in data["build"].items():
+        build.add_row(k, str(v))
+    console.print(build)
+    for section in ("slide_readers", "decoders", "backends"):
+        t = Table(title=section.replace("_", " "))
+        for col in ("name", "available", "detail", "purpose"):
+            t.add_column(col)
+        for row in data[section]:
+            t.add_row(row["name"], "yes" if row["available"] else "no", row["detail"], row["purpose"])
+        console.print(t)
+
+
+@main.command()
+@click.argument("slides", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(slides: tuple[str, ...], as_json: bool) -> None:
+    """Describe this installation, or the given SLIDES."""
+    if not slides:
+        _print_environment(as_json)
+        return
+    raise click.UsageError("slide descriptions are not available in this build")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
