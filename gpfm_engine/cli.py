@@ -58,5 +58,21 @@ def info(slides: tuple[str, ...], as_json: bool) -> None:
     raise click.UsageError("slide descriptions are not available in this build")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Engine vs PyTorch baselines (source checkout only; options: gpfm-engine bench --help)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]  # benchmarks/ sits beside the package, not inside it
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise click.ClickException("the benchmarks ship with the source checkout only; run this from one "
+                                   "(pip install -e .) or use `python -m benchmarks` there")
+    sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as run_benchmarks
+
+    sys.exit(run_benchmarks(ctx.args, prog="gpfm-engine bench"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
