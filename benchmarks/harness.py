@@ -8,7 +8,7 @@ absolute times and rates are printed only as context.
 
 The API (everything a stage benchmark needs)::
 
-    from benchmarks.harness import BenchContext, Comparison, compare
+    from benchmarks.harness import BenchContext, Comparison, Skipped, compare
 
     def run(ctx: BenchContext) -> list[Comparison]:          # benchmarks/bench_<stage>.py
         slide = ctx.large_slide()                            # cached synthesized 40k x 30k JPEG pyramid
@@ -22,7 +22,9 @@ note="") -> Comparison`` calls zero-argument functions (``warmup`` times each, t
 pairs A B A B …) and returns a ``Comparison``: ``ratio_median`` / ``ratio_min`` / ``ratio_max``
 (``baseline / engine`` per pair, so 6.0 means the engine is 6x faster), ``met`` (ratio median vs
 ``goal``; ``None`` without a goal) and the raw per-call seconds. ``work`` is the amount of work
-one call does (tiles, patches, slides), used only for the context rates.
+one call does (tiles, patches, slides), used only for the context rates. ``compare_all(name,
+engine_fn, {"CLAM-style": fa, "TRIDENT-style": fb}, ...)`` interleaves several baselines in the
+same rounds (engine, a, b, engine, a, b, …) and returns one ``Comparison`` per baseline.
 
 Non-timing comparisons (peak memory) build a ``Comparison`` directly with ``metric="MiB"`` and
 ``ratio="growth"`` (engine / baseline, lower is better, goal is a maximum).
@@ -44,7 +46,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -172,21 +174,49 @@ def compare(
     Order of calls: ``warmup`` x (engine, baseline) unrecorded, then ``repeats`` x (engine,
     baseline) recorded. ``clock`` is injectable so tests can check the logic without timing.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"{name}: repeats must be >= 1 and warmup >= 0")
+    (c,) = compare_all(name, engine_fn, {baseline_label: baseline_fn}, repeats, warmup, work=work, units=units,
+                       goal=goal, note=note, engine_label=engine_label, clock=clock, suffix=False)
+    return c
+
+
+def compare_all(
+    name: str,
+    engine_fn: Callable[[], object],
+    baselines: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    *,
+    work: float | None = None,
+    units: str = "runs",
+    goal: float | None = None,
+    note: str = "",
+    engine_label: str = "engine",
+    clock: Callable[[], float] = time.perf_counter,
+    suffix: bool = True,
+) -> list[Comparison]:
+    """Like ``compare`` with several baselines: rounds of engine, baseline 1, baseline 2, ….
+
+    Returns one ``Comparison`` per baseline (named ``"<name> vs <label>"``), each pairing a
+    baseline's value in round i with the engine's value in the same round.
+    """
+    if repeats < 1 or warmup < 0 or not baselines:
+        raise ValueError(f"{name}: repeats must be >= 1, warmup >= 0, and at least one baseline given")
     for i in range(warmup):
         log.info("%s: warm-up %d/%d", name, i + 1, warmup)
         engine_fn()
-        baseline_fn()
+        for fn in baselines.values():
+            fn()
     eng: list[float] = []
-    base: list[float] = []
+    base: dict[str, list[float]] = {label: [] for label in baselines}
     for i in range(repeats):
         eng.append(_timed(engine_fn, clock))
-        base.append(_timed(baseline_fn, clock))
-        log.info("%s: pair %d/%d engine %.3fs baseline %.3fs (%.2fx)", name, i + 1, repeats,
-                 eng[-1], base[-1], base[-1] / eng[-1] if eng[-1] > 0 else float("inf"))
-    return Comparison(name, eng, base, work=work, units=units, goal=goal, note=note,
-                      engine_label=engine_label, baseline_label=baseline_label)
+        for label, fn in baselines.items():
+            base[label].append(_timed(fn, clock))
+        log.info("%s: round %d/%d engine %.3fs %s", name, i + 1, repeats, eng[-1],
+                 " ".join(f"{label} {v[-1]:.3f}s" for label, v in base.items()))
+    return [Comparison(f"{name} vs {label}" if suffix else name, eng, values, work=work, units=units, goal=goal,
+                       note=note, engine_label=engine_label, baseline_label=label)
+            for label, values in base.items()]
 
 
 # --- context handed to stage benchmarks -----------------------------------------------------------

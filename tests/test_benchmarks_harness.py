@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import Comparison, Skipped, append_results, compare, render_markdown, write_json
+from benchmarks.harness import Comparison, Skipped, append_results, compare, compare_all, render_markdown, write_json
 
 MACHINE = {"date": "2030-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores_logical": 2, "cores_usable": 2,
            "memory_gib": 1.0, "load_avg": [0.0, 0.0, 0.0], "git_commit": "abc123",
@@ -107,3 +107,16 @@ def test_append_results_adds_dated_sections(tmp_path: Path) -> None:
     assert text.count("## 2030-01-02T03:04:05+00:00 — Test CPU, 2 usable cores") == 2
     assert "`python -m benchmarks --suite cpu`" in text and "| preprocess | 9.00x |" in text
     assert text.rstrip().endswith("second")
+
+
+def test_compare_all_interleaves_rounds_and_pairs_each_baseline_with_its_round() -> None:
+    clock, calls = FakeClock(), []
+    eng = scripted(clock, calls, "E", [9.0, 1.0, 2.0])
+    a = scripted(clock, calls, "a", [9.0, 3.0, 4.0])
+    b = scripted(clock, calls, "b", [9.0, 10.0, 6.0])
+    ca, cb = compare_all("e2e", eng, {"CLAM-style": a, "TRIDENT-style": b}, repeats=2, warmup=1, clock=clock)
+    assert calls == ["E", "a", "b"] * 3
+    assert (ca.name, cb.name) == ("e2e vs CLAM-style", "e2e vs TRIDENT-style")
+    assert ca.engine == cb.engine == [1.0, 2.0]
+    assert ca.ratios == [3.0, 2.0] and cb.ratios == [10.0, 3.0]
+    assert cb.baseline_label == "TRIDENT-style"
