@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.harness import Comparison, Result
 
-WIDTH, ROW, LEFT, RIGHT, TOP = 960, 46, 300, 40, 56
+WIDTH, ROW, LEFT, RIGHT, TOP = 960, 46, 320, 40, 56
 GOOD, BAD, NEUTRAL, GOAL = (46, 139, 87), (200, 60, 50), (90, 110, 160), (20, 20, 20)
 
 
@@ -24,7 +24,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def plot_ratios(results: Sequence[Result], path: str | Path, title: str = "gpfm-engine vs PyTorch baselines") -> Path:
-    """Draw one bar per comparison on a log2 axis (1x in the middle: better to the right) and save."""
+    """Draw one bar per comparison from 1x on a log2 axis (whisker min-max, tick = goal) and save."""
     rows = [r for r in results if isinstance(r, Comparison)]
     height = TOP + ROW * max(len(rows), 1) + 50
     img = Image.new("RGB", (WIDTH, height), "white")
@@ -32,37 +32,36 @@ def plot_ratios(results: Sequence[Result], path: str | Path, title: str = "gpfm-
     font, small = _font(15), _font(12)
     d.text((12, 12), title, fill="black", font=_font(18))
 
-    # "better" is right for both kinds: speed-ups plot r, growths plot 1/r
-    def score(c: Comparison, v: float) -> float:
-        return v if c.ratio == "speedup" else 1.0 / v
-
-    values = [score(c, v) for c in rows for v in (c.ratio_min, c.ratio_max, c.goal or 1.0)]
-    span = max([abs(math.log2(v)) for v in values if v > 0 and math.isfinite(v)] + [1.0]) * 1.1
+    values = [v for c in rows for v in (c.ratio_min, c.ratio_max, c.goal or 1.0) if v > 0 and math.isfinite(v)]
+    lo = math.log2(min(values + [1.0]) / 1.25)
+    hi = math.log2(max(values + [1.0]) * 1.25)
 
     def x_of(v: float) -> float:
-        lv = max(-span, min(span, math.log2(v))) if v > 0 and math.isfinite(v) else span
-        return LEFT + (lv + span) / (2 * span) * (WIDTH - LEFT - RIGHT)
+        lv = max(lo, min(hi, math.log2(v))) if v > 0 and math.isfinite(v) else hi
+        return LEFT + (lv - lo) / (hi - lo) * (WIDTH - LEFT - RIGHT)
 
     axis_y = TOP + ROW * max(len(rows), 1)
-    for k in range(-math.floor(span), math.floor(span) + 1):
+    for k in range(math.ceil(lo), math.floor(hi) + 1):
         x = x_of(2.0**k)
         d.line([(x, TOP - 6), (x, axis_y)], fill=(225, 225, 225) if k else (120, 120, 120))
         d.text((x - 12, axis_y + 6), f"{2.0 ** k:g}x", fill="black", font=small)
     for i, c in enumerate(rows):
         y = TOP + i * ROW + ROW // 2
         color = {True: GOOD, False: BAD, None: NEUTRAL}[c.met]
-        x0, xm = x_of(1.0), x_of(score(c, c.ratio_median))
+        x0, xm = x_of(1.0), x_of(c.ratio_median)
         d.rectangle([min(x0, xm), y - 11, max(x0, xm), y + 11], fill=color)
-        lo, hi = sorted((x_of(score(c, c.ratio_min)), x_of(score(c, c.ratio_max))))
-        d.line([(lo, y), (hi, y)], fill="black", width=2)
-        d.line([(lo, y - 6), (lo, y + 6)], fill="black", width=2)
-        d.line([(hi, y - 6), (hi, y + 6)], fill="black", width=2)
+        x_lo, x_hi = x_of(c.ratio_min), x_of(c.ratio_max)
+        d.line([(x_lo, y), (x_hi, y)], fill="black", width=2)
+        d.line([(x_lo, y - 6), (x_lo, y + 6)], fill="black", width=2)
+        d.line([(x_hi, y - 6), (x_hi, y + 6)], fill="black", width=2)
+        right = max(x0, xm, x_hi)
         if c.goal is not None:
-            xg = x_of(score(c, c.goal))
+            xg = x_of(c.goal)
             d.line([(xg, y - 16), (xg, y + 16)], fill=GOAL, width=3)
-        label = c.name if c.ratio == "speedup" else f"{c.name} (inverse growth)"
-        d.text((12, y - 9), label[:38], fill="black", font=font)
-        d.text((max(x0, xm) + 6, y - 22), f"{c.ratio_median:.2f}x", fill="black", font=small)
+            right = max(right, xg)
+        label = c.name if c.ratio == "speedup" else f"{c.name} (lower is better)"
+        d.text((12, y - 9), label[:48], fill="black", font=small if len(label) > 34 else font)
+        d.text((right + 8, y - 7), f"{c.ratio_median:.2f}x", fill="black", font=small)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

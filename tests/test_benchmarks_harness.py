@@ -120,3 +120,16 @@ def test_compare_all_interleaves_rounds_and_pairs_each_baseline_with_its_round()
     assert ca.engine == cb.engine == [1.0, 2.0]
     assert ca.ratios == [3.0, 2.0] and cb.ratios == [10.0, 3.0]
     assert cb.baseline_label == "TRIDENT-style"
+
+
+def test_plot_writes_a_png_with_one_row_per_comparison(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from benchmarks.plot import plot_ratios
+
+    rows = [Comparison("read+decode", engine=[1.0, 1.0], baseline=[6.0, 8.0], goal=5.0),
+            Comparison("peak RSS", engine=[103.0], baseline=[100.0], metric="MiB", ratio="growth", goal=1.1),
+            Skipped("model", "absent")]
+    out = plot_ratios(rows, tmp_path / "r.png")
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 0 and img.height > 2 * 46
