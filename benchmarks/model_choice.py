@@ -48,14 +48,12 @@ def choose(name: str = DEFAULT_MODEL) -> ModelChoice:
 def _write_random_weights(name: str, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from gpfm_engine.models import get_model_cfg
-    from gpfm_engine.models.vit import VisionTransformer
+    from gpfm_engine.models import build_model
 
-    cfg = get_model_cfg(name)
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=cfg.input_size, **cfg.arch)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp))
+    model = build_model(name)
+    tmp = path.with_name(path.name + ".tmp.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
 
 
