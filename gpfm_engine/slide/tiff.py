@@ -1,0 +1,237 @@
+"""The TIFF fast path: SVS, generic tiled or stripped TIFF, BigTIFF, OME-TIFF (SubIFD pyramids), NDPI.
+
+tifffile parses the file once at open: tile offsets and byte counts per level, JPEG tables, the
+NDPI restart-interval header, metadata. After that the file is read only with ``os.pread`` on a
+private descriptor (no shared file offset, so any number of threads can read at once) and tiles
+are decoded by ``gpfm_engine.decode`` (imagecodecs releases the GIL). Layouts tifffile cannot
+describe faithfully (Leica SCN regions, Ventana BIF overlaps, Philips sparse levels, channel or
+z stacks) are refused with a ``SlideError`` so that ``open_slide`` falls back to OpenSlide.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from gpfm_engine.decode.cpu import StreamDecodeError, decode_map, exception_summary
+from gpfm_engine.errors import SlideError, TileDecodeError
+from gpfm_engine.slide.base import LazyImages, Slide, TileLayout, WHITE, downsamples_from_dimensions
+from gpfm_engine.slide.jpeg import JpegTileFixer
+from gpfm_engine.slide.tiff_meta import read_metadata
+from gpfm_engine.slide.tile_cache import TileCache
+
+# TIFF Compression tag -> gpfm_engine.decode compression name
+COMPRESSION_NAMES = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate", 33003: "jpeg2000_ycbcr",
+                     33005: "jpeg2000", 34712: "jpeg2000"}
+# tifffile flags of layouts the fast path leaves to OpenSlide
+_REFUSED_FLAGS = {"scn": "Leica SCN", "bif": "Ventana BIF", "philips": "Philips TIFF", "qpi": "PerkinElmer QPTIFF"}
+_MAX_TILE_PIXELS = 1 << 28  # one stored tile/strip above this is not a tile (e.g. a 100k-px strip image)
+_MAX_READ_RUN = 16 << 20  # coalesce adjacent tiles into reads of at most this many bytes
+
+
+class FastPathRefused(SlideError):
+    """The file is intact but its layout is not one the fast path reads; another backend may."""
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Where one level's stored tiles are and how to turn them into pixels."""
+
+    layout: TileLayout
+    offsets: np.ndarray  # int64 per tile
+    counts: np.ndarray  # int64 per tile; 0 = missing tile
+    samples: int
+    predictor: int
+    fixer: JpegTileFixer | None
+
+
+class TiffSlide(Slide):
+    """A TIFF-family slide read through raw stored tiles."""
+
+    backend = "tiff"
+
+    def __init__(self, path: str | Path, *, mpp: float | None = None, tile_cache: TileCache | None = None) -> None:
+        super().__init__(path, mpp=mpp, tile_cache=tile_cache)
+        try:
+            tf = tifffile.TiffFile(self.path)
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types on malformed input
+            raise FastPathRefused(self.path, f"not a readable TIFF ({exception_summary(exc)})") from exc
+        with tf:
+            pages = _pyramid_pages(tf, self.path)
+            self._levels = [_read_level_table(page, self.path, i) for i, page in enumerate(pages)]
+            meta = read_metadata(tf, pages[0])
+        self.vendor = meta.vendor
+        self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
+        self.level_downsamples = downsamples_from_dimensions(self.level_dimensions)
+        self.objective_power = meta.objective_power
+        self._native_mpp, self._native_mpp_source = meta.mpp, meta.mpp_source
+        self.properties = meta.properties
+        self._associated_pages = {name: index for name, (index, _) in meta.associated.items()}
+        self.associated_images = LazyImages({name: size for name, (_, size) in meta.associated.items()},
+                                            self._load_associated)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._check_extent(os.fstat(self._fd).st_size)
+        except OSError as exc:
+            raise SlideError(self.path, f"cannot open for reading ({exc.strerror})") from exc
+        except SlideError:
+            os.close(self._fd)
+            raise
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _tile_layout(self, level: int) -> TileLayout:
+        return self._levels[level].layout
+
+    def _read_raw_tiles(self, level: int, indices: list[int]) -> list[bytes]:
+        raw = self._pread_tiles(level, indices)
+        fixer = self._levels[level].fixer
+        return [fixer(data) for data in raw] if fixer is not None else raw
+
+    def _decode_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
+        lv = self._levels[level]
+        layout = lv.layout
+        streams = self._read_raw_tiles(level, indices)
+        present = [k for k, s in enumerate(streams) if s]
+        try:
+            decoded = decode_map(executor, [streams[k] for k in present], layout.compression,
+                                 shape=(layout.tile_height, layout.tile_width, lv.samples), predictor=lv.predictor)
+        except StreamDecodeError as exc:
+            raise TileDecodeError(self.path, level, indices[present[exc.position]], exc.cause) from None
+        out = [np.full((layout.tile_height, layout.tile_width, 3), WHITE, np.uint8) for _ in streams]
+        for k, pixels in zip(present, decoded):
+            out[k] = pixels
+        return out
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        layout = self._levels[level].layout
+        tw, th = layout.tile_width, layout.tile_height
+        out = np.empty((h, w, 3), np.uint8)
+        cols = range(x // tw, (x + w - 1) // tw + 1)
+        for row in range(y // th, (y + h - 1) // th + 1):
+            tiles = self.read_tiles(level, [row * layout.columns + col for col in cols])
+            ty = row * th
+            y0, y1 = max(y, ty), min(y + h, ty + th)
+            for col, tile in zip(cols, tiles):
+                tx = col * tw
+                x0, x1 = max(x, tx), min(x + w, tx + tw)
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+        return out
+
+    def _close(self) -> None:
+        os.close(self._fd)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _pread_tiles(self, level: int, indices: list[int]) -> list[bytes]:
+        """Stored bytes of each tile, reading runs of adjacent tiles with one ``os.pread``."""
+        lv = self._levels[level]
+        offsets, counts = lv.offsets[indices], lv.counts[indices]
+        out = [b""] * len(indices)
+        runs: list[tuple[int, int, list[int]]] = []  # (start, end, positions)
+        for k in np.argsort(offsets, kind="stable").tolist():
+            off, cnt = int(offsets[k]), int(counts[k])
+            if cnt == 0:
+                continue
+            if runs and off == runs[-1][1] and off + cnt - runs[-1][0] <= _MAX_READ_RUN:
+                runs[-1] = (runs[-1][0], off + cnt, runs[-1][2] + [k])
+            else:
+                runs.append((off, off + cnt, [k]))
+        for start, end, members in runs:
+            try:
+                data = os.pread(self._fd, end - start, start)
+            except OSError as exc:
+                raise SlideError(self.path, f"read failed at byte {start} ({exc.strerror})") from exc
+            for k in members:
+                a = int(offsets[k]) - start
+                chunk = data[a : a + int(counts[k])]
+                if len(chunk) < counts[k]:
+                    raise TileDecodeError(self.path, level, indices[k],
+                                          f"tile data truncated ({len(chunk)} of {int(counts[k])} bytes)")
+                out[k] = chunk
+        return out
+
+    def _check_extent(self, file_size: int) -> None:
+        """A file cut short (interrupted copy) fails at open, not on some later tile."""
+        for level, lv in enumerate(self._levels):
+            ends = lv.offsets + lv.counts
+            if ends.size and int(ends.max()) > file_size:
+                k = int(np.argmax(ends > file_size))
+                raise SlideError(self.path, f"file truncated: level {level} tile {k} ends at byte {int(ends[k])}, "
+                                            f"file has {file_size}")
+
+    def _load_associated(self, name: str) -> np.ndarray:
+        try:
+            with tifffile.TiffFile(self.path) as tf:
+                return tf.pages[self._associated_pages[name]].asarray()
+        except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
+            raise SlideError(self.path, f"associated image {name!r}: {exception_summary(exc)}") from exc
+
+
+def _pyramid_pages(tf: tifffile.TiffFile, path: Path) -> list[tifffile.TiffPage]:
+    """Level pages of the main image series, largest first; refuse what is not an RGB pyramid."""
+    refused = sorted(set(tf.flags) & set(_REFUSED_FLAGS))
+    if refused:
+        raise FastPathRefused(path, f"{_REFUSED_FLAGS[refused[0]]} layout is not read by the TIFF fast path")
+    if tf.is_svs:  # Aperio: the tiled pages are the pyramid (tifffile assumes page 1 is a thumbnail)
+        return sorted((p for p in tf.pages if p.is_tiled), key=lambda p: -int(p.imagewidth))
+    if not tf.series:
+        raise FastPathRefused(path, "TIFF holds no image")
+    pages = []
+    for i, level in enumerate(tf.series[0].levels):
+        if len(level.pages) != 1:
+            raise FastPathRefused(path, f"level {i} is a stack of {len(level.pages)} planes (channels, z or time), "
+                                   "not one RGB image")
+        page = level.keyframe
+        if not isinstance(page, tifffile.TiffPage):
+            raise FastPathRefused(path, f"level {i} has no readable IFD")
+        pages.append(page)
+    return sorted(pages, key=lambda p: -int(p.imagewidth))
+
+
+def _read_level_table(page: tifffile.TiffPage, path: Path, level: int) -> _Level:
+    """Validate one level page and capture its tile table."""
+    def refuse(cause: str) -> FastPathRefused:
+        return FastPathRefused(path, f"level {level}: {cause}")
+
+    code = int(page.compression)
+    compression = COMPRESSION_NAMES.get(code)
+    if compression is None:
+        name = getattr(page.compression, "name", None)
+        raise refuse(f"unsupported TIFF compression {code}" + (f" ({name})" if name else ""))
+    if page.bitspersample != 8 or page.sampleformat != 1:
+        raise refuse(f"{page.bitspersample}-bit samples (format {int(page.sampleformat)}); only 8-bit is supported")
+    samples, photometric = int(page.samplesperpixel), int(page.photometric)
+    if samples > 1 and int(page.planarconfig) != 1:
+        raise refuse("separate colour planes (PlanarConfiguration 2) are not supported")
+    allowed = {1: (1, 2), 2: (3, 4), 6: (3,)}.get(photometric, ())
+    if samples not in allowed or (photometric == 6 and compression in ("none", "lzw", "deflate")):
+        raise refuse(f"photometric {photometric} with {samples} samples per pixel is not RGB, grey or YCbCr-JPEG")
+    predictor = int(page.predictor) if compression in ("none", "lzw", "deflate") else 1
+    if predictor not in (1, 2):
+        raise refuse(f"unsupported TIFF predictor {predictor}")
+    width, height = int(page.imagewidth), int(page.imagelength)
+    if page.is_tiled:
+        if page.tiledepth > 1:
+            raise refuse("3-D tiles are not supported")
+        tw, th = int(page.tilewidth), int(page.tilelength)
+    else:
+        tw, th = width, min(int(page.rowsperstrip or height), height)
+    if tw * th > _MAX_TILE_PIXELS:
+        raise refuse(f"stored tile of {tw}x{th} px is too large for tile access")
+    layout = TileLayout(tw, th, math.ceil(width / tw), math.ceil(height / th), compression)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if offsets.size != layout.count or counts.size != layout.count:
+        raise refuse(f"tile table has {offsets.size} entries, the {layout.columns}x{layout.rows} grid needs "
+                     f"{layout.count}")
+    fixer = None
+    if compression == "jpeg":
+        ndpi_header = page.jpegheader if page.is_ndpi else None
+        fixer = JpegTileFixer(page.jpegtables, rgb=photometric == 2, ndpi_header=ndpi_header)
+    return _Level(layout, offsets, counts, samples, predictor, fixer)
