@@ -11,4 +11,6 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from gpfm_engine.models import load_model  # noqa: E402 - after __version__, which submodules import
+
+__all__ = ["__version__", "load_model"]
