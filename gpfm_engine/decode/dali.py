@@ -1,0 +1,84 @@
+"""NVIDIA DALI: spliced JPEG tile streams fed through an external source into ``fn.decoders.image``.
+
+With ``device="cuda"`` the decoder runs DALI's "mixed" backend: nvImageCodec's hardware JPEG
+engines when the GPU has them (``hw_decoder_load`` is the share of each batch sent there), CUDA
+decoding for the rest, batched. ``run(cuda_stream=...)`` binds the outputs to the engine stream,
+so the copy into our own tensor is ordered after the decode without a host wait. DALI's output
+buffers are reused by its next iteration, hence that copy (one device copy per batch).
+
+``device="cpu"`` builds the same pipeline with DALI's CPU decoder and ``device_id=None``; it needs
+no GPU or driver, which is how CI checks the pipeline's plumbing and colours.
+
+DALI keeps a process-wide GPU memory pool that it never gives back (NVIDIA/DALI#4653): budget it
+beside PyTorch's allocator.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gpfm_engine.decode.gpu import GpuDecoder
+from gpfm_engine.errors import MissingExtraError
+
+PACKAGE = "nvidia-dali-cuda130"
+
+
+def _import_dali() -> SimpleNamespace:
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+    except ImportError as exc:
+        raise MissingExtraError(PACKAGE, "gpu", "DALI tile decoding") from exc
+    return SimpleNamespace(Pipeline=Pipeline, fn=fn, types=types)
+
+
+class DaliDecoder(GpuDecoder):
+    """Batched JPEG tile decode through a DALI pipeline fed from Python."""
+
+    name = "dali"
+    package = PACKAGE
+
+    def __init__(self, device: torch.device | str = "cuda", batch_size: int = 256, num_threads: int = 2,
+                 hw_decoder_load: float = 0.9) -> None:
+        super().__init__(device)
+        self._dali = _import_dali()
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.hw_decoder_load = hw_decoder_load
+        self._pipe = self._build()
+
+    def _build(self):
+        d = self._dali
+        cuda = self.device.type == "cuda"
+        # prefetch_queue_depth=1: each run() decodes exactly the batch handed to it.
+        pipe = d.Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                          device_id=self.device.index if cuda else None, prefetch_queue_depth=1)
+        with pipe:
+            enc = d.fn.external_source(name="enc", dtype=d.types.UINT8, ndim=1)
+            options = {"hw_decoder_load": self.hw_decoder_load} if cuda else {}
+            pipe.set_outputs(d.fn.decoders.image(enc, device="mixed" if cuda else "cpu",
+                                                 output_type=d.types.RGB, **options))
+        pipe.build()
+        return pipe
+
+    def _run(self, chunk: list[np.ndarray]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            (tiles,) = self._pipe.run(enc=chunk)
+            return torch.from_numpy(tiles.as_array())
+        (tiles,) = self._pipe.run(torch.cuda.current_stream(self.device).cuda_stream, enc=chunk)
+        return torch.from_dlpack(tiles.as_tensor()).clone()
+
+    def _decode_batch(self, streams: Sequence[bytes]) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(streams), self.batch_size):
+            chunk = [np.frombuffer(s, dtype=np.uint8) for s in streams[start:start + self.batch_size]]
+            try:
+                parts.append(self._run(chunk))
+            except Exception:
+                # DALI declares a pipeline invalid after an operator error: start a fresh one.
+                self._pipe = self._build()
+                raise
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
