@@ -74,5 +74,28 @@ def bench(ctx: click.Context) -> None:
     sys.exit(run_benchmarks(ctx.args, prog="gpfm-engine bench"))
 
 
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--model", "model_name", default="gpfm", show_default=True, help="Registered model name.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Weights file (else env / HF cache).")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "fp8"]), default="fp32", show_default=True,
+              help="Graph precision (bf16/fp16/fp8 graphs are for TensorRT).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18; fp8 needs >= 19).")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+def export(out: str, model_name: str, weights: str | None, fmt: str, precision: str, opset: int | None,
+           no_verify: bool) -> None:
+    """Export a model to OUT (dynamic batch, fixed input size, pos-embed baked in)."""
+    from gpfm_engine.errors import GpfmError
+    from gpfm_engine.export import DEFAULT_OPSET, export_model
+
+    try:
+        path = export_model(model_name, out, weights=weights, fmt=fmt, precision=precision,
+                            opset=opset or DEFAULT_OPSET, verify=not no_verify)
+    except GpfmError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
