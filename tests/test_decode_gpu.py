@@ -261,3 +261,11 @@ def test_resolve_device_without_cuda() -> None:
     assert cuda_stream.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(GpfmError, match="sees no CUDA device"):
         cuda_stream.resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_gpu_decoder_on_machine_without_cuda() -> None:
+    from gpfm_engine.decode import create_gpu_decoder as from_package
+
+    with pytest.raises(GpfmError, match="sees no CUDA device"):
+        from_package("auto", "cuda")

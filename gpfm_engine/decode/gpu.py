@@ -166,6 +166,8 @@ def create_gpu_decoder(name: str = "auto", device: torch.device | str = "cuda", 
     ``auto`` raises a :class:`GpfmError` listing why each plug-in was passed over; callers that
     can run on the CPU decoder alone catch it and log it.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise GpfmError(f"GPU tile decoding on {device}: torch {torch.__version__} sees no CUDA device")
     if name != "auto":
         return decoder_class(name)(device, **options)
     reasons = []

@@ -27,4 +27,49 @@ int cuda_device_count(int* driver_version, int* runtime_version);
 std::string cuda_error_string(int code);
 #endif
 
+// ---- tissue masking (pixel math in gpfm/tissue.h) ------------------------------------------------
+// Planes are C-contiguous uint8 [h, w]; masks hold 0/1; h * w < 2^31.
+
+// RGB (channels 3) or RGBA (4) thumbnail, channels packed: pixel (y, x) at data[y*sy + x*sx].
+struct TissueImage {
+  const uint8_t* data;
+  int64_t h, w, channels;
+  int64_t sy, sx;
+};
+
+struct MaskParams {
+  int dark_threshold;     // pixels whose brightest channel is below this never count as tissue
+  int median_k;           // odd; 1 = no median
+  int fixed_threshold;    // >= 0: use it; < 0: Otsu, raised to min_threshold
+  int min_threshold;
+  int close_k, open_k;    // odd elliptical element sizes; 1 = skip
+  int64_t min_tissue_px;  // smaller 8-connected tissue components are dropped
+  int64_t min_hole_px;    // smaller 4-connected holes are filled
+};
+
+enum class MorphOp : int { Dilate = 0, Erode = 1, Close = 2, Open = 3 };
+
+void tissue_score_cpu(const TissueImage& src, uint8_t* dst, int dark_threshold);
+void median_blur_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k);
+void histogram256_cpu(const uint8_t* src, int64_t n, int64_t* hist);
+void morphology_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k);
+void filter_components_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int64_t min_tissue_px,
+                           int64_t min_hole_px);
+void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w);  // sat: [h + 1, w + 1]
+// The whole chain above; returns the threshold level used.
+int segment_tissue_cpu(const TissueImage& src, const MaskParams& params, uint8_t* mask, int32_t* sat);
+
+#ifdef GPFM_WITH_CUDA
+int tissue_score_cuda(const TissueImage& src, uint8_t* dst, int dark_threshold, void* stream);
+int median_blur_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, void* stream);
+int histogram256_cuda(const uint8_t* src, int64_t n, int64_t* hist, void* stream);
+int morphology_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k, void* stream);
+int filter_components_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int64_t min_tissue_px,
+                           int64_t min_hole_px, void* stream);
+int integral_image_cuda(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w, void* stream);
+// The level used is written to the device int `level`.
+int segment_tissue_cuda(const TissueImage& src, const MaskParams& params, uint8_t* mask, int32_t* sat, int32_t* level,
+                        void* stream);
+#endif
+
 }  // namespace gpfm
