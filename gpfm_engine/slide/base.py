@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,8 +24,7 @@ from gpfm_engine.slide.tile_cache import TileCache
 WHITE = 255
 
 
-@dataclass(frozen=True)
-class TileLayout:
+class TileLayout(NamedTuple):
     """The stored-tile grid of one level: tile ``index = row * columns + column``.
 
     ``compression`` names the codec of ``read_raw_tiles`` streams (see ``gpfm_engine.decode``);

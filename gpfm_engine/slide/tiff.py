@@ -64,6 +64,7 @@ class TiffSlide(Slide):
         with tf:
             pages = _pyramid_pages(tf, self.path)
             self._levels = [_read_level_table(page, self.path, i) for i, page in enumerate(pages)]
+            _check_complete(tf, self._levels, self.path)
             meta = read_metadata(tf, pages[0])
         self.vendor = meta.vendor
         self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
@@ -76,12 +77,8 @@ class TiffSlide(Slide):
                                             self._load_associated)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._check_extent(os.fstat(self._fd).st_size)
         except OSError as exc:
             raise SlideError(self.path, f"cannot open for reading ({exc.strerror})") from exc
-        except SlideError:
-            os.close(self._fd)
-            raise
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -156,15 +153,6 @@ class TiffSlide(Slide):
                 out[k] = chunk
         return out
 
-    def _check_extent(self, file_size: int) -> None:
-        """A file cut short (interrupted copy) fails at open, not on some later tile."""
-        for level, lv in enumerate(self._levels):
-            ends = lv.offsets + lv.counts
-            if ends.size and int(ends.max()) > file_size:
-                k = int(np.argmax(ends > file_size))
-                raise SlideError(self.path, f"file truncated: level {level} tile {k} ends at byte {int(ends[k])}, "
-                                            f"file has {file_size}")
-
     def _load_associated(self, name: str) -> np.ndarray:
         try:
             with tifffile.TiffFile(self.path) as tf:
@@ -192,6 +180,33 @@ def _pyramid_pages(tf: tifffile.TiffFile, path: Path) -> list[tifffile.TiffPage]
             raise FastPathRefused(path, f"level {i} has no readable IFD")
         pages.append(page)
     return sorted(pages, key=lambda p: -int(p.imagewidth))
+
+
+def _check_complete(tf: tifffile.TiffFile, levels: list[_Level], path: Path) -> None:
+    """A file cut short (interrupted copy) fails at open, never as a slide with levels missing.
+
+    tifffile stops quietly at an IFD pointer past the end of the file, so the chain's last
+    next-IFD pointer must be 0, and every page's data must lie inside the file.
+    """
+    size = tf.filehandle.size
+    pages = tf.pages
+    last = pages[len(pages) - 1]  # len() walks every IFD tifffile can reach
+    fh = tf.filehandle
+    fh.seek(last.offset)
+    head = fh.read(tf.tiff.tagnosize)
+    count = int.from_bytes(head, "little" if tf.tiff.byteorder == "<" else "big") if len(head) == tf.tiff.tagnosize else 0
+    fh.seek(last.offset + tf.tiff.tagnosize + count * tf.tiff.tagsize)
+    pointer_size = 8 if tf.is_ndpi else tf.tiff.offsetsize
+    raw = fh.read(pointer_size)
+    following = int.from_bytes(raw, "little" if tf.tiff.byteorder == "<" else "big") if raw else 0
+    if len(raw) < pointer_size or following >= size:
+        raise SlideError(path, f"file truncated: the IFD chain continues past the end of the file ({size} bytes)")
+    ends = [lv.offsets + lv.counts for lv in levels]
+    ends += [np.asarray(p.dataoffsets, np.int64) + np.asarray(p.databytecounts, np.int64) for p in pages
+             if p.dataoffsets]
+    end = max((int(e.max()) for e in ends if e.size), default=0)
+    if end > size:
+        raise SlideError(path, f"file truncated: image data runs to byte {end}, the file has {size}")
 
 
 def _read_level_table(page: tifffile.TiffPage, path: Path, level: int) -> _Level:
