@@ -21,6 +21,8 @@ def main(verbose: int) -> None:
     """Whole-slide images to GPFM foundation-model features."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:  # tifffile warns about the same damaged files our one-line errors describe
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 def _print_environment(as_json: bool) -> None:
@@ -55,7 +57,23 @@ def info(slides: tuple[str, ...], as_json: bool) -> None:
     if not slides:
         _print_environment(as_json)
         return
-    raise click.UsageError("slide descriptions are not available in this build")
+    from gpfm_engine.errors import SlideError
+    from gpfm_engine.slide.describe import describe_slide, description_table
+
+    described, failed = [], 0
+    for path in slides:
+        try:
+            described.append(describe_slide(path))
+        except SlideError as exc:  # one line per bad slide; the others are still described
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+    else:
+        for item in described:
+            console.print(description_table(item))
+    if failed:
+        sys.exit(1)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})

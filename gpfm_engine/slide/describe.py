@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -45,7 +46,8 @@ def description_table(info: dict[str, Any]) -> Table:
     power = info["objective_power"]
     associated = ", ".join(f"{n} {w}x{h}" for n, (w, h) in info["associated_images"].items()) or "none"
     caption = f"mpp {mpp_text} · objective {f'{power:g}x' if power else 'unknown'} · associated: {associated}"
-    table = Table(title=f"{info['path']}  [{info['vendor']}, backend {info['backend']}]", caption=caption)
+    title = f"{info['path']}  ({info['vendor']}, backend {info['backend']})"
+    table = Table(title=escape(title), caption=escape(caption))
     for column in ("level", "size", "downsample", "µm/px", "tile", "compression"):
         table.add_column(column, justify="right" if column != "compression" else "left")
     for lv in info["levels"]:
