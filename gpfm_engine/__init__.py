@@ -12,5 +12,6 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
     __version__ = "0.0.0+unknown"
 
 from gpfm_engine.models import load_model  # noqa: E402 - after __version__, which submodules import
+from gpfm_engine.slide import open_slide  # noqa: E402
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "open_slide"]
