@@ -160,7 +160,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        # Linear decay 0 -> rate over depth (DINOv2's default) or uniform (GPFM's run config).
+        rates = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, init_values, ln_eps, rates[i], qkv_bias, proj_bias, ffn_bias)
             for i in range(depth)
