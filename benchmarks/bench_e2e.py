@@ -55,7 +55,8 @@ def run(ctx: BenchContext) -> list[Result]:
     choice = model_choice.choose()
     slide = data.large_slide(quick=True) if ctx.quick else data.medium_slide()
     engine = Engine(model=choice.name, weights=None if choice.weights is None else str(choice.weights),
-                    device=ctx.device, backend="torch", batch_size=BATCH_SIZE)
+                    device=ctx.device, backend="torch", precision="fp32", batch_size=BATCH_SIZE,
+                    workers=ctx.threads)
     first = engine.embed_slide(slide)
     coords = _numpy(first.coords).astype(np.int64)
     level, read_size = read_geometry(first.meta)
