@@ -5,5 +5,6 @@
 namespace gpfm::py_glue {
 void init_build_info(pybind11::module_& m);
 void init_normalize(pybind11::module_& m);
+void init_gather(pybind11::module_& m);
 void init_tissue(pybind11::module_& m);
 }  // namespace gpfm::py_glue

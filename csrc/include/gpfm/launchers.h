@@ -72,4 +72,44 @@ int segment_tissue_cuda(const TissueImage& src, const MaskParams& params, uint8_
                         void* stream);
 #endif
 
+// ---- gather: decoded stored tiles -> normalized model input (pixel math in gpfm/resample.h) ------
+
+// Decoded tiles of one pyramid level, each [h, w, 3] uint8 with rows sy and pixels sx bytes
+// apart (channels packed). CPU: tile i starts at ptrs[i]. CUDA: tile i starts at stack + i * sn.
+struct TileRefs {
+  const uint8_t* const* ptrs;
+  const uint8_t* stack;
+  int64_t sn;
+  int64_t n, h, w, sy, sx;
+};
+
+// Where each patch's pixels are. Patch i has its own frame: tile lut[i, r, c] (an index into the
+// tiles, -1 = none) covers frame pixels [r*h, (r+1)*h) x [c*w, (c+1)*w). Its source square has
+// its top-left at (rects[i, 0], rects[i, 1]) in that frame; frame pixels at x >= rects[i, 2] or
+// y >= rects[i, 3] (beyond the level), in a -1 tile or outside the lut are white (255).
+struct GatherPatches {
+  const int32_t* lut;    // [n, rows, cols]
+  const int32_t* rects;  // [n, 4]
+  int64_t n, rows, cols;
+};
+
+struct GatherParams {
+  int src_size;         // side of the source square (px at the read level)
+  int out_size;         // side of the model input
+  int white_level;      // background pixel: all channels >= white_level after resampling
+  OutDType dtype;
+  Normalize norm;
+};
+
+// Writes a contiguous [n, 3, out, out] batch to dst and, when background is not null, the
+// fraction of background pixels of each patch to background[0..n).
+void gather_cpu(const TileRefs& tiles, const GatherPatches& patches, const GatherParams& params, void* dst,
+                float* background);
+
+#ifdef GPFM_WITH_CUDA
+// tiles.stack, patches.lut, patches.rects, dst and background are device pointers.
+int gather_cuda(const TileRefs& tiles, const GatherPatches& patches, const GatherParams& params, void* dst,
+                float* background, void* stream);
+#endif
+
 }  // namespace gpfm
