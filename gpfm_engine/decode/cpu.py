@@ -200,6 +200,8 @@ def _check_jpeg(stream: bytes) -> None:
         if marker == 0xD9 or length < 2:
             raise StreamDecodeError(0, "JPEG stream has no scan")
         pos += 2 + length
+    if stream.count(b"\xff", scan_start, end - 2) == stream.count(b"\xff\x00", scan_start, end - 2):
+        return  # every 0xFF in the scan is byte stuffing: the common case, checked at C speed
     scan = np.frombuffer(stream, np.uint8, count=end - 2 - scan_start, offset=scan_start)
     ff = np.flatnonzero(scan[:-1] == 0xFF)
     if ff.size and not _SCAN_OK[scan[ff + 1]].all():

@@ -100,10 +100,9 @@ class TiffSlide(Slide):
                                  shape=(layout.tile_height, layout.tile_width, lv.samples), predictor=lv.predictor)
         except StreamDecodeError as exc:
             raise TileDecodeError(self.path, level, indices[present[exc.position]], exc.cause) from None
-        out = [np.full((layout.tile_height, layout.tile_width, 3), WHITE, np.uint8) for _ in streams]
-        for k, pixels in zip(present, decoded):
-            out[k] = pixels
-        return out
+        out = dict(zip(present, decoded))
+        return [out[k] if k in out else np.full((layout.tile_height, layout.tile_width, 3), WHITE, np.uint8)
+                for k in range(len(streams))]
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         layout = self._levels[level].layout

@@ -1,0 +1,109 @@
+"""Stage benchmark: read + decode every level-0 stored tile, engine vs OpenSlide ``read_region``.
+
+Both sides get the same tile-aligned windows, the same thread count and no tile cache (each call
+does the full read and decode work), and both end with one uint8 numpy array per tile:
+- engine: ``Slide.read_tiles(0, all tiles, executor=pool)`` — os.pread of raw tiles, JPEG tables
+  spliced, imagecodecs/libjpeg-turbo decode spread over the pool;
+- baseline: ``OpenSlide.read_region`` of each tile's window, mapped over a pool of the same size,
+  converted with ``np.asarray`` (what OpenSlide-based pipelines do).
+Inputs: the real CMU-1-Small-Region.svs (when ../shared/data is present) and the cached
+synthesized medium slide (12000 x 9000, 240-px JPEG tiles). Run alone with
+``python -m benchmarks.bench_read`` or as the ``read`` stage of ``python -m benchmarks``.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import BenchContext, Comparison, Skipped, compare
+
+GOAL = 5.0
+MIN_TILES_PER_CALL = 1000  # small slides are read several times per call so a call lasts long enough
+
+
+def inputs(ctx: BenchContext) -> list[tuple[str, Path]]:
+    """(label, path) of the slides to read."""
+    from benchmarks import data
+
+    found = []
+    shared = data.shared_data_dir()
+    if shared is not None and (shared / "wsi/aperio/CMU-1-Small-Region.svs").is_file():
+        found.append(("CMU-1-Small-Region.svs", shared / "wsi/aperio/CMU-1-Small-Region.svs"))
+    synthesized = data.large_slide(quick=True) if ctx.quick else data.medium_slide()
+    found.append((f"synthesized {synthesized.stem}", synthesized))
+    return found
+
+
+def compare_slide(label: str, path: Path, ctx: BenchContext, pool: ThreadPoolExecutor) -> Comparison:
+    """One interleaved A/B comparison over all level-0 tiles of ``path``."""
+    import openslide
+
+    from gpfm_engine.slide import TileCache, open_slide
+
+    ours = open_slide(path, backend="tiff", tile_cache=TileCache(0))
+    theirs = openslide.OpenSlide(str(path))
+    theirs.set_cache(openslide.OpenSlideCache(0))
+    layout = ours.tile_layout(0)
+    indices = list(range(layout.count))
+    w0, h0 = ours.dimensions
+    windows = [((x, y), (min(layout.tile_width, w0 - x), min(layout.tile_height, h0 - y)))
+               for x, y in (layout.origin(i) for i in indices)]
+    passes = max(1, math.ceil(MIN_TILES_PER_CALL / len(indices)))
+
+    def engine() -> None:
+        for _ in range(passes):
+            ours.read_tiles(0, indices, executor=pool)
+
+    def baseline() -> None:
+        for _ in range(passes):
+            list(pool.map(lambda win: np.asarray(theirs.read_region(win[0], 0, win[1])), windows))
+
+    try:
+        return compare(f"read+decode level 0, {label}", engine, baseline, repeats=ctx.repeats,
+                       warmup=ctx.warmup, work=len(indices) * passes, units="tiles", goal=GOAL,
+                       engine_label="gpfm-engine tiff", baseline_label="OpenSlide read_region",
+                       note=f"{len(indices)} tiles {layout.tile_width}x{layout.tile_height} {layout.compression}"
+                            f" x{passes}, {ctx.threads} threads, no tile cache either side")
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def run(ctx: BenchContext) -> list[Comparison | Skipped]:
+    """The read+decode stage: one comparison per input slide."""
+    try:
+        import openslide  # noqa: F401 - the baseline
+    except ImportError as exc:
+        return [Skipped("read+decode", f"OpenSlide baseline not importable: {exc}")]
+    with ThreadPoolExecutor(ctx.threads) as pool:
+        return [compare_slide(label, path, ctx, pool) for label, path in inputs(ctx)]
+
+
+def main() -> None:
+    import argparse
+    import logging
+    import os
+
+    from benchmarks.harness import render_markdown
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_read", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    ctx = BenchContext(repeats=args.repeats, warmup=args.warmup, threads=args.threads, quick=args.quick)
+    results = run(ctx)
+    print(render_markdown(results))
+    for r in results:
+        if isinstance(r, Comparison):
+            print(f"{r.name}: median {r.ratio_median:.2f}x (min {r.ratio_min:.2f}x, max {r.ratio_max:.2f}x); "
+                  f"engine {r.rate('engine'):,.0f} tiles/s, OpenSlide {r.rate('baseline'):,.0f} tiles/s")
+
+
+if __name__ == "__main__":
+    main()
