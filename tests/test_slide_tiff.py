@@ -191,3 +191,30 @@ def test_request_validation(slide_factory):
     slide.close()
     with pytest.raises(SlideError, match="closed"):
         slide.read_region((0, 0), 0, (4, 4))
+
+
+def test_pickle_reopens_and_forgotten_close_does_not_leak(slide_factory):
+    import gc
+    import os
+    import pickle
+
+    path = make(slide_factory, "svs", "jpeg")
+    with open_slide(path, mpp=0.3) as slide:
+        clone = pickle.loads(pickle.dumps(slide))  # what a DataLoader worker receives
+        assert clone.mpp == (0.3, 0.3) and clone.backend == "tiff"
+        np.testing.assert_array_equal(clone.read_region((40, 50), 1, (90, 70)), slide.read_region((40, 50), 1, (90, 70)))
+        clone.close()
+    if os.path.isdir("/proc/self/fd"):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            open_slide(path).read_region((0, 0), 0, (8, 8))
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_require_mpp(slide_factory):
+    with open_slide(make(slide_factory, "tiff", "lzw", resolution_unit="none")) as slide:
+        with pytest.raises(SlideError, match="mpp"):
+            slide.require_mpp()
+    with open_slide(make(slide_factory, "tiff", "lzw", resolution_unit="none"), mpp=0.5) as slide:
+        assert slide.require_mpp() == (0.5, 0.5)

@@ -195,7 +195,7 @@ def _check_complete(tf: tifffile.TiffFile, levels: list[_Level], path: Path) -> 
     head = fh.read(tf.tiff.tagnosize)
     count = int.from_bytes(head, "little" if tf.tiff.byteorder == "<" else "big") if len(head) == tf.tiff.tagnosize else 0
     fh.seek(last.offset + tf.tiff.tagnosize + count * tf.tiff.tagsize)
-    pointer_size = 8 if tf.is_ndpi else tf.tiff.offsetsize
+    pointer_size = tf.tiff.offsetsize  # 8 for BigTIFF and NDPI
     raw = fh.read(pointer_size)
     following = int.from_bytes(raw, "little" if tf.tiff.byteorder == "<" else "big") if raw else 0
     if len(raw) < pointer_size or following >= size:
