@@ -1,0 +1,250 @@
+"""Tissue mask of a slide: a thumbnail at a fixed physical resolution, segmented by the compiled kernels.
+
+The thumbnail is always ``TissueParams.mpp`` µm/px (default 8), resampled from the coarsest level
+that is at least that fine, so the mask and every size below mean the same tissue whatever the
+scanner and pyramid layout. Slides whose level 0 is already coarser are masked at level 0.
+
+Segmentation (``gpfm_engine._core.segment_tissue``, CPU threads or CUDA): HSV saturation with dark
+pixels (pen, black borders) zeroed, median blur, Otsu threshold raised to a floor (or a fixed
+threshold), elliptical close then open, removal of small tissue and filling of small holes, and a
+summed-area table that answers "which fraction of this rectangle is tissue" in O(1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpfm_engine import _core
+from gpfm_engine.errors import SlideError
+
+MPP = tuple[float, float]
+
+# A level counts as "at least as fine" as a requested resolution up to this relative excess, which
+# absorbs the rounding of level sizes (a 4x level of an odd-sized image is 4.0003x).
+LEVEL_MPP_TOLERANCE = 0.01
+
+# Source pixels read per stripe while building the thumbnail: bounds memory on single-level slides.
+_STRIPE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Mask settings; sizes are physical and become odd pixel sizes at the thumbnail's resolution.
+
+    ``threshold`` fixes the saturation level (0..255; pixels above it are tissue); ``None`` uses
+    Otsu's level, raised to ``min_threshold`` so bare glass (whose Otsu level splits noise) stays
+    empty. ``dark_threshold`` zeroes pixels whose brightest channel is below it (0 disables).
+    """
+
+    mpp: float = 8.0
+    dark_threshold: int = 20
+    median_um: float = 56.0
+    threshold: int | None = None
+    min_threshold: int = 15
+    close_um: float = 72.0
+    open_um: float = 24.0
+    min_tissue_um2: float = 16384.0
+    min_hole_um2: float = 16384.0
+
+    def kernel_args(self, mpp: MPP) -> dict[str, int]:
+        """The integer arguments of ``_core.segment_tissue`` for a thumbnail at ``mpp`` µm/px."""
+        px_um = math.sqrt(mpp[0] * mpp[1])
+        px_area = mpp[0] * mpp[1]
+        return dict(
+            dark_threshold=int(self.dark_threshold),
+            median_k=odd_size(self.median_um, px_um),
+            fixed_threshold=-1 if self.threshold is None else int(self.threshold),
+            min_threshold=int(self.min_threshold),
+            close_k=odd_size(self.close_um, px_um),
+            open_k=odd_size(self.open_um, px_um),
+            min_tissue_px=math.ceil(self.min_tissue_um2 / px_area),
+            min_hole_px=math.ceil(self.min_hole_um2 / px_area),
+        )
+
+
+def odd_size(um: float, px_um: float) -> int:
+    """The odd pixel size nearest to ``um`` micrometres (1 = no-op), capped at the kernels' 255."""
+    if um <= 0:
+        return 1
+    return int(min(255, 2 * math.floor(um / px_um / 2) + 1))
+
+
+@dataclass
+class TissueMask:
+    """A slide's tissue mask and the summed-area table behind :meth:`fraction`.
+
+    ``mask`` is uint8 0/1 [H, W]; ``integral`` int32 [H + 1, W + 1]; one mask pixel covers
+    ``scale`` level-0 pixels per axis (= ``mpp_um`` micrometres).
+    """
+
+    mask: np.ndarray
+    integral: np.ndarray
+    thumbnail: np.ndarray
+    mpp_um: MPP
+    scale: tuple[float, float]
+    level0_size: tuple[int, int]
+    threshold: int
+    source_level: int
+    params: TissueParams = field(default_factory=TissueParams)
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Fraction of the whole slide that is tissue."""
+        h, w = self.mask.shape
+        return float(self.integral[h, w]) / (h * w)
+
+    def fraction(self, x0: float, y0: float, w: float, h: float) -> float:
+        """Tissue fraction of the level-0 rectangle (x0, y0, w, h); area outside the slide counts as
+        background. O(1): exact area integral of the mask through the summed-area table."""
+        return float(self.fractions(np.array([[x0, y0]], np.float64), w, h)[0])
+
+    def fractions(self, coords: np.ndarray, w: float, h: float | None = None) -> np.ndarray:
+        """:meth:`fraction` (float64 [N]) of every level-0 top-left in ``coords`` [N, 2], one size."""
+        h = w if h is None else h
+        sx, sy = self.scale
+        xy = np.asarray(coords, np.float64).reshape(-1, 2)
+        u0, v0 = xy[:, 0] / sx, xy[:, 1] / sy
+        u1, v1 = u0 + w / sx, v0 + h / sy
+        area = (self._integral_at(u1, v1) - self._integral_at(u0, v1) - self._integral_at(u1, v0)
+                + self._integral_at(u0, v0))
+        return area / ((w / sx) * (h / sy))
+
+    def _integral_at(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Mask area in [0, u] x [0, v] (mask pixels, real-valued corners): the summed-area table is
+        bilinear inside each pixel because the mask is constant there."""
+        hgt, wid = self.mask.shape
+        u = np.clip(u, 0.0, wid)
+        v = np.clip(v, 0.0, hgt)
+        i = np.minimum(np.floor(u).astype(np.int64), wid - 1)
+        j = np.minimum(np.floor(v).astype(np.int64), hgt - 1)
+        a, b = u - i, v - j
+        t = self.integral
+        return ((1 - a) * (1 - b) * t[j, i] + a * (1 - b) * t[j, i + 1] + (1 - a) * b * t[j + 1, i]
+                + a * b * t[j + 1, i + 1])
+
+
+def slide_mpp(slide: Any, mpp: float | None = None) -> MPP:
+    """(x, y) µm per level-0 pixel: ``mpp`` when given, else the slide's; never guessed."""
+    if mpp is not None:
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"{slide_path(slide)}: mpp must be a positive number, got {mpp!r}")
+        return (float(mpp), float(mpp))
+    native = getattr(slide, "mpp", None)
+    if native is None:
+        raise SlideError(slide_path(slide), "the slide does not state its pixel size (µm per pixel); "
+                                            "pass mpp= (--mpp) with the value from the scanner")
+    return (float(native[0]), float(native[1]))
+
+
+def level_mpp(slide: Any, level: int, mpp0: MPP) -> MPP:
+    """µm per pixel of ``level`` from its exact size ratio to level 0 (as ``Slide.level_mpp``)."""
+    (w0, h0), (w, h) = slide.level_dimensions[0], slide.level_dimensions[level]
+    return (mpp0[0] * w0 / w, mpp0[1] * h0 / h)
+
+
+def finest_level_at_most(slide: Any, target_mpp: float, mpp0: MPP) -> int:
+    """The coarsest level whose x mpp is <= ``target_mpp`` (within tolerance); 0 if none is."""
+    best = 0
+    for level in range(slide.level_count):
+        if level_mpp(slide, level, mpp0)[0] <= target_mpp * (1 + LEVEL_MPP_TOLERANCE):
+            best = level
+    return best
+
+
+def slide_path(slide: Any) -> str:
+    return str(getattr(slide, "path", None) or getattr(slide, "_filename", None) or slide)
+
+
+def read_thumbnail(slide: Any, mpp0: MPP, target_mpp: float) -> tuple[np.ndarray, int]:
+    """RGB(A) uint8 thumbnail at ``target_mpp`` (or level 0 when it is coarser) and its source level.
+
+    Box-resampled from the source level in horizontal stripes, so a single-level slide never has
+    to be in memory whole.
+    """
+    from PIL import Image
+
+    level = finest_level_at_most(slide, target_mpp, mpp0)
+    lw, lh = slide.level_dimensions[level]
+    w0, h0 = slide.level_dimensions[0]
+    if mpp0[0] >= target_mpp * (1 - LEVEL_MPP_TOLERANCE) and level == 0:
+        out_w, out_h = w0, h0
+    else:
+        out_w = max(1, round(w0 * mpp0[0] / target_mpp))
+        out_h = max(1, round(h0 * mpp0[1] / target_mpp))
+    step = lh / out_h  # source rows per thumbnail row
+    rows_per_stripe = max(1, int(_STRIPE_BYTES // max(1, lw * 4 * math.ceil(step))))
+    downsample = slide.level_downsamples[level]
+    stripes = []
+    for j0 in range(0, out_h, rows_per_stripe):
+        j1 = min(out_h, j0 + rows_per_stripe)
+        top = math.floor(j0 * step)
+        bottom = min(lh, math.ceil(j1 * step))
+        region = np.asarray(slide.read_region((0, round(top * downsample)), level, (lw, bottom - top)))
+        if region.shape[2] not in (3, 4):
+            raise SlideError(slide_path(slide), f"read_region gave {region.shape[2]} channels, expected RGB(A)")
+        if (out_w, j1 - j0) == (lw, bottom - top):
+            stripes.append(region)
+            continue
+        image = Image.fromarray(np.ascontiguousarray(region))
+        box = (0.0, j0 * step - top, float(lw), j1 * step - top)
+        stripes.append(np.asarray(image.resize((out_w, j1 - j0), Image.Resampling.BOX, box=box)))
+    return np.concatenate(stripes, axis=0), level
+
+
+def mask_thumbnail(thumbnail: np.ndarray, mpp_um: MPP, params: TissueParams | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mask 0/1, summed-area table, threshold level) of an RGB(A) thumbnail at ``mpp_um``.
+
+    Runs on the device the array lives on: NumPy arrays on the CPU threads (GIL released), CUDA
+    tensors on torch's current stream.
+    """
+    params = params or TissueParams()
+    args = params.kernel_args(mpp_um)
+    if _is_cuda(thumbnail):
+        import torch
+
+        h, w = thumbnail.shape[:2]
+        mask = torch.empty((h, w), dtype=torch.uint8, device=thumbnail.device)
+        integral = torch.empty((h + 1, w + 1), dtype=torch.int32, device=thumbnail.device)
+        level = torch.empty(1, dtype=torch.int32, device=thumbnail.device)
+        stream = torch.cuda.current_stream(thumbnail.device).cuda_stream
+        _core.segment_tissue(thumbnail, mask, integral, level, **args, stream=stream)
+        return mask, integral, int(level.item())
+    src = np.ascontiguousarray(thumbnail)
+    h, w = src.shape[:2]
+    mask = np.empty((h, w), np.uint8)
+    integral = np.empty((h + 1, w + 1), np.int32)
+    level = np.empty(1, np.int32)
+    _core.segment_tissue(src, mask, integral, level, **args)
+    return mask, integral, int(level[0])
+
+
+def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None) -> TissueMask:
+    """The tissue mask of an OpenSlide-shaped slide (``gpfm_engine.open_slide`` or compatible).
+
+    ``mpp`` overrides the slide's µm per level-0 pixel; a slide without one is refused
+    (``SlideError``) rather than guessed.
+    """
+    params = params or TissueParams()
+    mpp0 = slide_mpp(slide, mpp)
+    thumbnail, level = read_thumbnail(slide, mpp0, params.mpp)
+    w0, h0 = slide.level_dimensions[0]
+    h, w = thumbnail.shape[:2]
+    scale = (w0 / w, h0 / h)
+    mpp_um = (mpp0[0] * scale[0], mpp0[1] * scale[1])
+    mask, integral, threshold = mask_thumbnail(thumbnail, mpp_um, params)
+    rgb = thumbnail[..., :3] if thumbnail.shape[2] == 3 else _over_white(thumbnail)
+    return TissueMask(mask=mask, integral=integral, thumbnail=rgb, mpp_um=mpp_um, scale=scale,
+                      level0_size=(w0, h0), threshold=threshold, source_level=level, params=params)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA composited onto white with the kernels' rounding, for pictures of the thumbnail."""
+    a = rgba[..., 3:4].astype(np.int32)
+    return ((rgba[..., :3].astype(np.int32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _is_cuda(array: Any) -> bool:
+    return bool(getattr(array, "is_cuda", False))
