@@ -6,8 +6,8 @@ constant — exported bicubic resizes differ between exporters and runtimes (res
 The feature is pooled inside the graph, so only [N, D] float32 leaves it.
 
 Precision is part of the graph, because TensorRT's strongly typed mode reads it from there:
-``fp32``; ``bf16``/``fp16`` (weights and input in that type, LayerNorm computed in float32, output
-float32); ``fp8`` (float32 graph with FP8 Q/DQ pairs on every linear layer, see ``backends/qdq.py``).
+``fp32``; ``bf16``/``fp16`` (weights and input in that type, LayerNorm — and in bf16 the patch
+Conv — computed in float32, output float32); ``fp8`` (float32 graph with FP8 Q/DQ pairs on every linear layer, see ``backends/qdq.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpfm_engine import __version__
@@ -39,18 +38,20 @@ PRECISIONS = PRECISION_DTYPES | {"fp8": torch.float32}
 _SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB; larger graphs need external data
 
 
-class _Fp32LayerNorm(nn.Module):
-    """LayerNorm computed in float32 inside a low-precision graph (TensorRT warns of FP16 LN overflow)."""
+class _InFloat32(nn.Module):
+    """Runs a module in float32 inside a low-precision graph, casting in and out.
 
-    def __init__(self, ln: nn.LayerNorm) -> None:
+    Used for LayerNorm (TensorRT warns that FP16 LayerNorm overflows, research/gpu.md §2.2) and,
+    in bf16 graphs, for the patch-embedding Conv, whose ONNX type constraints exclude bfloat16
+    (0.2% of the FLOPs).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.normalized_shape = ln.normalized_shape
-        self.eps = ln.eps
-        self.weight = nn.Parameter(ln.weight.detach().float())
-        self.bias = nn.Parameter(ln.bias.detach().float())
+        self.inner = module.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return self.inner(x.float()).to(x.dtype)
 
 
 class _Features(nn.Module):
@@ -73,12 +74,13 @@ def prepare_for_export(model: nn.Module, precision: str = "fp32", input_size: in
     if hasattr(m, "set_input_size"):
         m.set_input_size(size)
     dtype = PRECISIONS[precision]
-    m = m.to(dtype)
     if dtype != torch.float32:
-        for name, child in list(m.named_modules()):
+        keep_fp32 = (nn.LayerNorm, nn.Conv2d) if dtype == torch.bfloat16 else (nn.LayerNorm,)
+        m = m.to(dtype)
+        for child in list(m.modules()):
             for attr, sub in list(child.named_children()):
-                if isinstance(sub, nn.LayerNorm):
-                    setattr(child, attr, _Fp32LayerNorm(sub))
+                if isinstance(sub, keep_fp32):
+                    setattr(child, attr, _InFloat32(sub))
     return _Features(m).eval()
 
 
