@@ -37,8 +37,7 @@ constexpr int kLanes = kRows * 3;  // values per transposed source column
 constexpr int kStride = 64;        // bytes per transposed column: kLanes plus slack for 4-byte moves
 constexpr uint8_t kWhite = 255;
 
-// Fixed-point coefficients of one axis for every output pixel (the source is square, so one
-// table serves both passes).
+// Fixed-point coefficients of one axis for every output pixel.
 struct AxisTable {
   rs::Axis axis{};
   std::vector<int32_t> k;  // [out_size, ksize]
@@ -56,25 +55,25 @@ struct AxisTable {
   int rows_end() const { return first.back() + count.back(); }
 };
 
-// Reads rows of one patch's source square out of the tiles, white where there are no pixels.
+// Reads rows of one patch's source rectangle out of the tiles, white where there are no pixels.
 class PatchSource {
  public:
-  PatchSource(const TileRefs& tiles, const GatherPatches& patches, int64_t i, int size)
+  PatchSource(const TileRefs& tiles, const GatherPatches& patches, int64_t i, int width)
       : t_(tiles), lut_(patches.lut + i * patches.rows * patches.cols), cols_(patches.cols),
         x0_(patches.rects[i * 4 + 0]), y0_(patches.rects[i * 4 + 1]),
         x_end_(std::min<int64_t>(patches.rects[i * 4 + 2], patches.cols * tiles.w)),
-        y_end_(std::min<int64_t>(patches.rects[i * 4 + 3], patches.rows * tiles.h)), size_(size) {}
+        y_end_(std::min<int64_t>(patches.rects[i * 4 + 3], patches.rows * tiles.h)), width_(width) {}
 
-  // dst[0 .. size*3) = source row y (packed RGB).
+  // dst[0 .. width*3) = source row y (packed RGB).
   void row(int y, uint8_t* dst) const {
     const int64_t v = y0_ + y;
     if (v < 0 || v >= y_end_) {
-      memset(dst, kWhite, static_cast<size_t>(size_) * 3);
+      memset(dst, kWhite, static_cast<size_t>(width_) * 3);
       return;
     }
     const int64_t r = v / t_.h, off_y = v % t_.h;
     int64_t u = x0_;
-    const int64_t u_end = x0_ + size_;
+    const int64_t u_end = x0_ + width_;
     while (u < u_end) {
       uint8_t* out = dst + (u - x0_) * 3;
       if (u < 0 || u >= x_end_) {  // left of the frame, or beyond the level's right edge
@@ -105,7 +104,7 @@ class PatchSource {
   const int32_t* lut_;
   int64_t cols_;
   int64_t x0_, y0_, x_end_, y_end_;
-  int size_;
+  int width_;
 };
 
 // src_t[x * kStride + r * 3 + c] = rows[r * row_stride + x * 3 + c] for the kRows rows. Moves
@@ -298,7 +297,8 @@ struct PatchJob {
   const TileRefs& tiles;
   const GatherPatches& patches;
   const GatherParams& params;
-  const AxisTable* table;  // null when the size does not change (PIL copies the pixels)
+  const AxisTable* h_axis;  // horizontal pass (null when no axis changes size: PIL copies the pixels)
+  const AxisTable* v_axis;  // vertical pass
   StoreRows store;
   char* dst;
   float* background;
@@ -330,9 +330,9 @@ struct PatchJob {
   }
 
   int64_t resize_patch(int64_t i, const PatchSource& src) {
-    const AxisTable& tab = *table;
-    const int in = tab.axis.in_size, s = tab.axis.out_size;
-    const int y_begin = tab.rows_begin(), y_end = tab.rows_end(), ny = y_end - y_begin;
+    const AxisTable &hx = *h_axis, &vy = *v_axis;
+    const int in = hx.axis.in_size, s = hx.axis.out_size;
+    const int y_begin = vy.rows_begin(), y_end = vy.rows_end(), ny = y_end - y_begin;
     const int64_t row_stride = static_cast<int64_t>(in) * 3 + 1;  // + 1: transpose_rows moves 4 bytes a pixel
     rows.resize(static_cast<size_t>(row_stride) * kRows);
     src_t.resize(static_cast<size_t>(in) * kStride);
@@ -347,16 +347,16 @@ struct PatchJob {
       // rows past the last one are computed, then dropped
       if (nrows < kRows) memset(&rows[nrows * row_stride], kWhite, (kRows - nrows) * row_stride);
       transpose_rows(rows.data(), row_stride, in, src_t.data());
-      hot_loops().horizontal(src_t.data(), tab, out_t.data());
+      hot_loops().horizontal(src_t.data(), hx, out_t.data());
       scatter_to_planes(out_t.data(), s, nrows, &planes[static_cast<size_t>(yb - y_begin) * s], plane);
     }
 
     const uint8_t* rgb[3] = {&out_rows[0], &out_rows[s], &out_rows[2 * s]};
     int64_t bg = 0;
     for (int yy = 0; yy < s; ++yy) {
-      const int64_t y0 = tab.first[yy] - y_begin;
+      const int64_t y0 = vy.first[yy] - y_begin;
       for (int c = 0; c < 3; ++c)
-        hot_loops().vertical(&planes[(static_cast<size_t>(c) * ny + y0) * s], s, tab.taps(yy), tab.count[yy], s,
+        hot_loops().vertical(&planes[(static_cast<size_t>(c) * ny + y0) * s], s, vy.taps(yy), vy.count[yy], s,
                              &out_rows[static_cast<size_t>(c) * s]);
       bg += emit_row(i, yy, rgb);
     }
@@ -364,8 +364,8 @@ struct PatchJob {
   }
 
   void run(int64_t i) {
-    const PatchSource src(tiles, patches, i, params.src_size);
-    const int64_t bg = table ? resize_patch(i, src) : copy_patch(i, src);
+    const PatchSource src(tiles, patches, i, params.src_width);
+    const int64_t bg = h_axis ? resize_patch(i, src) : copy_patch(i, src);
     const double pixels = static_cast<double>(params.out_size) * params.out_size;
     if (background) background[i] = static_cast<float>(static_cast<double>(bg) / pixels);
   }
@@ -376,13 +376,18 @@ struct PatchJob {
 void gather_cpu(const TileRefs& tiles, const GatherPatches& patches, const GatherParams& params, void* dst,
                 float* background) {
   if (patches.n <= 0) return;
-  std::optional<AxisTable> table;
-  if (params.src_size != params.out_size) table.emplace(params.src_size, params.out_size);
+  // PIL skips the pass of an axis that keeps its size; running it anyway is an exact copy (its one
+  // non-zero weight is 1.0), so only the all-same case takes the copy path.
+  std::optional<AxisTable> h_axis, v_axis;
+  if (params.src_width != params.out_size || params.src_height != params.out_size) {
+    h_axis.emplace(params.src_width, params.out_size);
+    v_axis.emplace(params.src_height, params.out_size);
+  }
   const StoreRows store = store_rows_for(params.dtype);
   const int64_t grain = std::max<int64_t>(1, patches.n / (4 * static_cast<int64_t>(num_threads())));
   parallel_for(patches.n, grain, [&](int64_t b, int64_t e) {
-    PatchJob job{tiles, patches, params, table ? &*table : nullptr, store, static_cast<char*>(dst), background,
-                 {}, {}, {}, {}, {}, {}};
+    PatchJob job{tiles, patches, params, h_axis ? &*h_axis : nullptr, v_axis ? &*v_axis : nullptr, store,
+                 static_cast<char*>(dst), background, {}, {}, {}, {}, {}, {}};
     for (int64_t i = b; i < e; ++i) job.run(i);
   });
 }

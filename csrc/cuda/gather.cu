@@ -2,7 +2,7 @@
 // bicubic) run on the caller's stream, straight from a stacked tile tensor into the backend's
 // input buffer.
 //
-// One block per (patch, band of output rows). The block computes the coefficient table in shared
+// One block per (patch, band of output rows). The block computes the coefficient tables in shared
 // memory (cheaper than a host upload, and it keeps the launch free of host synchronisation), runs
 // the horizontal pass for the source rows its band needs into a shared uint8 [rows, S, 3] buffer
 // (rounded and clamped as PIL does), then the vertical pass, normalises and writes NCHW
@@ -84,32 +84,49 @@ __global__ void __launch_bounds__(kThreads)
   if (background) add_background(background, i, bg);
 }
 
+// One axis' coefficient table in shared memory: taps of output pixel o at k + o * ksize.
+struct SharedAxis {
+  int32_t* k;
+  int* first;
+  int* count;
+  int ksize;
+};
+
+// Carves the table of `a` out of *cursor and fills it with the block's threads.
+__device__ SharedAxis shared_axis(const rs::Axis& a, int32_t** cursor) {
+  SharedAxis t{*cursor, nullptr, nullptr, a.ksize};
+  t.first = t.k + a.out_size * a.ksize;
+  t.count = t.first + a.out_size;
+  *cursor = t.count + a.out_size;
+  for (int o = threadIdx.x; o < a.out_size; o += blockDim.x)
+    t.count[o] = rs::axis_coeffs(a, o, t.k + o * a.ksize, &t.first[o]);
+  return t;
+}
+
 template <OutDType D>
 __global__ void __launch_bounds__(kThreads)
     resize_kernel(TileRefs t, GatherPatches p, GatherParams prm, int band, typename OutStore<D>::type* dst,
                   float* background) {
   extern __shared__ int32_t smem[];
-  const rs::Axis a = rs::make_axis(prm.src_size, prm.out_size);
   const int s = prm.out_size;
-  int32_t* k = smem;                // [s, ksize]
-  int* first = k + s * a.ksize;     // [s]
-  int* count = first + s;           // [s]
-  uint8_t* tmp = reinterpret_cast<uint8_t*>(count + s);  // [rows, s, 3] horizontal-pass output
-  for (int xx = threadIdx.x; xx < s; xx += blockDim.x) count[xx] = rs::axis_coeffs(a, xx, k + xx * a.ksize, &first[xx]);
+  int32_t* cursor = smem;
+  const SharedAxis hx = shared_axis(rs::make_axis(prm.src_width, s), &cursor);
+  const SharedAxis vy = shared_axis(rs::make_axis(prm.src_height, s), &cursor);
+  uint8_t* tmp = reinterpret_cast<uint8_t*>(cursor);  // [rows, s, 3] horizontal-pass output
   __syncthreads();
 
   const int64_t i = blockIdx.x;
   const Frame f = frame_of(t, p, i);
   const int yy0 = blockIdx.y * band, yy1 = min(s, yy0 + band);
-  const int ys0 = first[yy0], nrows = first[yy1 - 1] + count[yy1 - 1] - ys0;
+  const int ys0 = vy.first[yy0], nrows = vy.first[yy1 - 1] + vy.count[yy1 - 1] - ys0;
   for (int idx = threadIdx.x; idx < nrows * s; idx += blockDim.x) {
     const int r = idx / s, xx = idx - r * s;
-    const int32_t* kx = k + xx * a.ksize;
-    const int64_t v = f.y0 + ys0 + r, u0 = f.x0 + first[xx];
+    const int32_t* k = hx.k + xx * hx.ksize;
+    const int64_t v = f.y0 + ys0 + r, u0 = f.x0 + hx.first[xx];
     int32_t acc[3] = {rs::kHalf, rs::kHalf, rs::kHalf};
-    for (int tap = 0; tap < count[xx]; ++tap) {
+    for (int tap = 0; tap < hx.count[xx]; ++tap) {
       const uint8_t* px = pixel_at(t, f, u0 + tap, v);
-      for (int c = 0; c < 3; ++c) acc[c] += kx[tap] * static_cast<int32_t>(px ? px[c] : 255);
+      for (int c = 0; c < 3; ++c) acc[c] += k[tap] * static_cast<int32_t>(px ? px[c] : 255);
     }
     for (int c = 0; c < 3; ++c) tmp[idx * 3 + c] = rs::clip8(acc[c]);
   }
@@ -118,9 +135,10 @@ __global__ void __launch_bounds__(kThreads)
   int bg = 0;
   for (int idx = threadIdx.x; idx < (yy1 - yy0) * s; idx += blockDim.x) {
     const int yy = yy0 + idx / s, xx = idx % s;
-    const uint8_t* col = tmp + ((first[yy] - ys0) * s + xx) * 3;
+    const uint8_t* col = tmp + ((vy.first[yy] - ys0) * s + xx) * 3;
     uint8_t v[3];
-    for (int c = 0; c < 3; ++c) v[c] = rs::convolve(k + yy * a.ksize, count[yy], col + c, static_cast<int64_t>(s) * 3);
+    for (int c = 0; c < 3; ++c)
+      v[c] = rs::convolve(vy.k + yy * vy.ksize, vy.count[yy], col + c, static_cast<int64_t>(s) * 3);
     emit<D>(dst, prm, i, yy, xx, v, &bg);
   }
   if (background) add_background(background, i, bg);
@@ -138,12 +156,13 @@ struct BandPlan {
   size_t shared = 0;
 };
 
-BandPlan plan_bands(int src_size, int out_size, size_t budget) {
-  const rs::Axis a = rs::make_axis(src_size, out_size);
-  std::vector<int32_t> k(a.ksize);
+BandPlan plan_bands(const GatherParams& prm, size_t budget) {
+  const int out_size = prm.out_size;
+  const rs::Axis ax = rs::make_axis(prm.src_width, out_size), ay = rs::make_axis(prm.src_height, out_size);
+  std::vector<int32_t> k(ay.ksize);
   std::vector<int> first(out_size), count(out_size);
-  for (int i = 0; i < out_size; ++i) count[i] = rs::axis_coeffs(a, i, k.data(), &first[i]);
-  const size_t fixed = sizeof(int32_t) * (static_cast<size_t>(out_size) * a.ksize + 2 * out_size);
+  for (int i = 0; i < out_size; ++i) count[i] = rs::axis_coeffs(ay, i, k.data(), &first[i]);
+  const size_t fixed = sizeof(int32_t) * static_cast<size_t>(out_size) * (ax.ksize + ay.ksize + 4);
   BandPlan best;
   for (int band = 1; band <= std::min(out_size, kMaxBand); ++band) {
     int rows = 0;
@@ -163,18 +182,18 @@ int launch(const TileRefs& t, const GatherPatches& p, const GatherParams& prm, v
            float* background) {
   auto* out = static_cast<typename OutStore<D>::type*>(dst);
   const int s = prm.out_size;
-  if (prm.src_size == s) {
+  if (prm.src_width == s && prm.src_height == s) {
     const int blocks_per_patch = std::min(64, (s * s + kThreads - 1) / kThreads);
     copy_kernel<D><<<dim3(static_cast<unsigned>(p.n), blocks_per_patch), kThreads, 0, stream>>>(t, p, prm, out,
                                                                                               background);
     return cudaGetLastError();
   }
-  BandPlan plan = plan_bands(prm.src_size, s, kDefaultSharedBudget);
+  BandPlan plan = plan_bands(prm, kDefaultSharedBudget);
   if (plan.band == 0) {
     int device = 0, optin = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    plan = plan_bands(prm.src_size, s, static_cast<size_t>(optin));
+    plan = plan_bands(prm, static_cast<size_t>(optin));
     if (plan.band == 0) return cudaErrorInvalidValue;  // a shrink too large for one block's shared memory
     const cudaError_t err = cudaFuncSetAttribute(resize_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(plan.shared));

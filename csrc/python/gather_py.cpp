@@ -81,10 +81,11 @@ void check_host_lut(const TensorView& lut, int64_t n_tiles) {
 }
 
 void gather(const py::handle& tiles_obj, const py::handle& lut_obj, const py::handle& rects_obj,
-            const py::handle& dst_obj, int tile_height, int tile_width, int src_size, const py::sequence& mean,
+            const py::handle& dst_obj, int tile_height, int tile_width, int src_width, int src_height,
+            const py::sequence& mean,
             const py::sequence& std, const py::handle& background_obj, int white_level, intptr_t stream) {
   if (tile_height < 1 || tile_width < 1) throw py::value_error("tile_height and tile_width must be >= 1");
-  if (src_size < 1) throw py::value_error("src_size must be >= 1");
+  if (src_width < 1 || src_height < 1) throw py::value_error("src_width and src_height must be >= 1");
   if (white_level < 0 || white_level > 255) throw py::value_error("white_level must be in [0, 255]");
   const Tiles tiles = tiles_of(tiles_obj, tile_height, tile_width, stream);
   const TensorView lut = view_of(lut_obj, "lut", stream);
@@ -120,7 +121,7 @@ void gather(const py::handle& tiles_obj, const py::handle& lut_obj, const py::ha
   const auto m = triple(mean, "mean"), s = triple(std, "std");
   const GatherPatches patches{static_cast<const int32_t*>(lut.data), static_cast<const int32_t*>(rects.data), n,
                               lut.shape[1], lut.shape[2]};
-  const GatherParams params{src_size, static_cast<int>(dst.shape[2]), white_level, dtype,
+  const GatherParams params{src_width, src_height, static_cast<int>(dst.shape[2]), white_level, dtype,
                             make_normalize(m.data(), s.data())};
   py::gil_scoped_release release;
 #ifdef GPFM_WITH_CUDA
@@ -138,13 +139,13 @@ void gather(const py::handle& tiles_obj, const py::handle& lut_obj, const py::ha
 
 void init_gather(py::module_& m) {
   m.def("gather", &gather, py::arg("tiles"), py::arg("lut"), py::arg("rects"), py::arg("out"),
-        py::arg("tile_height"), py::arg("tile_width"), py::arg("src_size"), py::arg("mean"), py::arg("std"),
-        py::arg("background") = py::none(), py::arg("white_level") = 220, py::arg("stream") = -1,
+        py::arg("tile_height"), py::arg("tile_width"), py::arg("src_width"), py::arg("src_height"), py::arg("mean"),
+        py::arg("std"), py::arg("background") = py::none(), py::arg("white_level") = 220, py::arg("stream") = -1,
         "Build normalized [N, 3, S, S] model input in `out` from decoded stored tiles in one pass: crop each "
-        "patch's src_size square (lut/rects, see gpfm_engine.gather), resize it to S x S exactly as PIL's "
-        "antialiased BICUBIC does, normalize ((v / 255 - mean) / std). `tiles` is a [T, h, w, 3] uint8 array or a "
-        "list of host [h, w, 3] arrays. `background` (float32 [N], optional) receives each patch's fraction of "
-        "resampled pixels with all channels >= white_level. Host arrays run on the CPU threads with the GIL "
+        "patch's src_width x src_height rectangle (lut/rects, see gpfm_engine.gather), resize it to S x S exactly "
+        "as PIL's antialiased BICUBIC does, normalize ((v / 255 - mean) / std). `tiles` is a [T, h, w, 3] uint8 "
+        "array or a list of host [h, w, 3] arrays. `background` (float32 [N], optional) receives each patch's "
+        "fraction of resampled pixels with all channels >= white_level. Host arrays run on the CPU threads with the GIL "
         "released; CUDA arrays run on `stream` without synchronising.");
 }
 

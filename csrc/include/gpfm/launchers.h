@@ -84,7 +84,7 @@ struct TileRefs {
 };
 
 // Where each patch's pixels are. Patch i has its own frame: tile lut[i, r, c] (an index into the
-// tiles, -1 = none) covers frame pixels [r*h, (r+1)*h) x [c*w, (c+1)*w). Its source square has
+// tiles, -1 = none) covers frame pixels [r*h, (r+1)*h) x [c*w, (c+1)*w). Its source rectangle has
 // its top-left at (rects[i, 0], rects[i, 1]) in that frame; frame pixels at x >= rects[i, 2] or
 // y >= rects[i, 3] (beyond the level), in a -1 tile or outside the lut are white (255).
 struct GatherPatches {
@@ -94,8 +94,9 @@ struct GatherPatches {
 };
 
 struct GatherParams {
-  int src_size;         // side of the source square (px at the read level)
-  int out_size;         // side of the model input
+  int src_width;        // source rectangle of every patch (px at the read level)
+  int src_height;
+  int out_size;         // side of the (square) model input
   int white_level;      // background pixel: all channels >= white_level after resampling
   OutDType dtype;
   Normalize norm;
