@@ -4,6 +4,7 @@ Never a crash, a hang, or garbage returned as pixels.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,9 @@ def test_corrupt_tile_names_level_and_index(tmp_path, svs_bytes, how):
             slide.read_tiles(1, [0, 1, 2, 3])
         assert (info.value.level, info.value.index) == (1, 3)
         assert_one_line(info.value, path, "level 1 tile 3")
+        with ThreadPoolExecutor(2) as pool, pytest.raises(TileDecodeError) as info:
+            slide.read_tiles(1, range(slide.tile_layout(1).count), executor=pool)  # spread over chunks
+        assert (info.value.level, info.value.index) == (1, 3)
         with pytest.raises(TileDecodeError):
             x, y = slide.tile_layout(1).origin(3)
             slide.read_region((2 * x, 2 * y), 1, (64, 64))

@@ -22,6 +22,7 @@ from gpfm_engine.slide.mpp import MPP
 from gpfm_engine.slide.tile_cache import TileCache
 
 WHITE = 255
+TILE_CHUNKS = 8  # read_tiles(executor=...) splits its work into this many tasks
 
 
 class TileLayout(NamedTuple):
@@ -218,11 +219,27 @@ class Slide(ABC):
         found = [self._cache.get((self._cache_token, level, i)) for i in indices]
         missing = sorted({i for i, tile in zip(indices, found) if tile is None})
         if missing:
-            decoded = dict(zip(missing, self._decode_tiles(level, missing, executor)))
+            decoded = dict(zip(missing, self._load_tiles(level, missing, executor)))
             for i, tile in decoded.items():
-                decoded[i] = self._cache.put((self._cache_token, level, i), self._pad_tile(level, i, tile))
+                decoded[i] = self._cache.put((self._cache_token, level, i), tile)
             found = [tile if tile is not None else decoded[i] for i, tile in zip(indices, found)]
         return found
+
+    def _load_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
+        """Read, decode and pad tiles, in about ``TILE_CHUNKS`` chunks on ``executor`` when given
+        (each chunk does its own reads too, so no stage runs serially in the calling thread)."""
+        def load(chunk: list[int]) -> list[np.ndarray]:
+            return [self._pad_tile(level, i, t) for i, t in zip(chunk, self._decode_tiles(level, chunk))]
+
+        if executor is None or len(indices) < 2:
+            return load(indices)
+        step = max(1, -(-len(indices) // TILE_CHUNKS))
+        futures = [executor.submit(load, indices[s : s + step]) for s in range(0, len(indices), step)]
+        try:
+            return [tile for future in futures for tile in future.result()]
+        finally:
+            for future in futures:
+                future.cancel()
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -265,7 +282,7 @@ class Slide(ABC):
         """Stored-tile grid of a validated level."""
 
     @abstractmethod
-    def _decode_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
+    def _decode_tiles(self, level: int, indices: list[int]) -> list[np.ndarray]:
         """Decoded pixels (covering at least the in-image part) of validated tile indices."""
 
     def _read_raw_tiles(self, level: int, indices: list[int]) -> list[bytes]:

@@ -7,7 +7,6 @@ there are no raw streams. openslide-python is imported only when this backend is
 """
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +84,14 @@ class OpenSlideSlide(Slide):
                                         f"{self._reason(exc)}") from exc
         return np.asarray(image)
 
-    def _decode_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
+    def _decode_tiles(self, level: int, indices: list[int]) -> list[np.ndarray]:
         layout = self._layouts[level]
         lw, lh = self.level_dimensions[level]
-
-        def tile(index: int) -> np.ndarray:
+        out = []
+        for index in indices:
             x, y = layout.origin(index)
-            return self._read_level(level, x, y, min(layout.tile_width, lw - x), min(layout.tile_height, lh - y))
-
-        return list(executor.map(tile, indices)) if executor is not None else [tile(i) for i in indices]
+            out.append(self._read_level(level, x, y, min(layout.tile_width, lw - x), min(layout.tile_height, lh - y)))
+        return out
 
     def _load_associated(self, name: str) -> np.ndarray:
         try:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from gpfm_engine.decode.cpu import StreamDecodeError, decode_map, exception_summary
+from gpfm_engine.decode.cpu import StreamDecodeError, decode, exception_summary
 from gpfm_engine.errors import SlideError, TileDecodeError
 from gpfm_engine.slide.base import LazyImages, Slide, TileLayout, WHITE, downsamples_from_dimensions
 from gpfm_engine.slide.jpeg import JpegTileFixer
@@ -90,14 +89,14 @@ class TiffSlide(Slide):
         fixer = self._levels[level].fixer
         return [fixer(data) for data in raw] if fixer is not None else raw
 
-    def _decode_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
+    def _decode_tiles(self, level: int, indices: list[int]) -> list[np.ndarray]:
         lv = self._levels[level]
         layout = lv.layout
         streams = self._read_raw_tiles(level, indices)
         present = [k for k, s in enumerate(streams) if s]
         try:
-            decoded = decode_map(executor, [streams[k] for k in present], layout.compression,
-                                 shape=(layout.tile_height, layout.tile_width, lv.samples), predictor=lv.predictor)
+            decoded = decode([streams[k] for k in present], layout.compression,
+                             shape=(layout.tile_height, layout.tile_width, lv.samples), predictor=lv.predictor)
         except StreamDecodeError as exc:
             raise TileDecodeError(self.path, level, indices[present[exc.position]], exc.cause) from None
         out = dict(zip(present, decoded))
