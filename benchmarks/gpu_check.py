@@ -246,6 +246,15 @@ def section_decode(ctx: Ctx) -> None:
     bench = (sets["YCbCr 4:2:0"] * (-(-ctx.sizes.decode_tiles // len(sets["YCbCr 4:2:0"]))))[: ctx.sizes.decode_tiles]
     mp = sum(int(np.prod(t.shape[:2])) for t in cpu.decode(bench[:1], "jpeg")) * len(bench) / 1e6
 
+    # CPU-decoded tiles reach the engine stream through the pinned side-stream upload
+    from gpfm_engine.cuda_stream import upload_tiles
+
+    ref = refs["YCbCr 4:2:0"]
+    up = upload_tiles(list(ref), ctx.device)
+    with on_engine_stream(ctx.device):
+        seen = up.to(torch.int16).cpu()  # a kernel on the engine stream reads what the side stream copied
+    ctx.check("decode", "pinned upload -> engine stream", torch.equal(seen, torch.from_numpy(ref).to(torch.int16)),
+              f"{len(ref)} CPU-decoded tiles arrive bit-identical")
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
         cpu_rate = timed_rate(ctx, lambda: cpu.decode_map(pool, bench, "jpeg", chunks=4 * threads), len(bench))

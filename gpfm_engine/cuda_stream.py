@@ -81,12 +81,36 @@ def on_engine_stream(device: torch.device | str) -> Iterator[torch.cuda.Stream |
         yield stream
 
 
+@functools.lru_cache(maxsize=None)
+def _upload_stream_for(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=index)
+
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a (pinned) host tensor to ``device`` so that engine-stream work can use it, without waiting.
+
+    The copy runs on a second, upload-only stream, so it overlaps the model running on the engine
+    stream (one stream would serialise them: ~5% of a ViT-L batch's time for CPU-decoded tiles);
+    the engine stream waits for it on the device, never the host. ``record_stream`` tells torch's
+    allocator that the engine stream uses the result, and torch's pinned-memory allocator keeps
+    ``host`` alive until the copy is done.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return host
+    engine = engine_stream(dev)
+    side = _upload_stream_for(engine.device.index)
+    with torch.cuda.device(engine.device), torch.cuda.stream(side):
+        out = host.to(engine.device, non_blocking=True)
+    engine.wait_stream(side)
+    out.record_stream(engine)
+    return out
+
+
 def upload_tiles(tiles: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
     """Stack host-decoded tiles ``[h, w, 3]`` into one uint8 ``[T, h, w, 3]`` tensor on ``device``.
 
-    On CUDA the tiles are stacked straight into pinned memory and copied asynchronously on the
-    engine stream; torch's pinned-memory allocator keeps the staging block until that copy is done,
-    so nothing here waits for the GPU.
+    On CUDA the tiles are stacked straight into pinned memory and :func:`upload`-ed.
     """
     dev = torch.device(device)
     if not tiles:
@@ -98,8 +122,7 @@ def upload_tiles(tiles: Sequence[np.ndarray], device: torch.device | str) -> tor
         return torch.from_numpy(np.stack(tiles))
     staging = torch.empty((len(tiles), *tiles[0].shape), dtype=torch.uint8, pin_memory=True)
     np.stack(tiles, out=staging.numpy())
-    with on_engine_stream(dev):
-        return staging.to(dev, non_blocking=True)
+    return upload(staging, dev)
 
 
 @dataclass

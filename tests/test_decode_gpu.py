@@ -204,6 +204,37 @@ def test_refused_batch_falls_back_to_cpu_decoder(slide_streams, caplog) -> None:
     assert "fake decoder refused a batch of 3 jpeg tiles (library refused the batch)" in caplog.text
 
 
+class _FakeSlide:
+    """The two Slide methods decode_slide_tiles uses, over given streams (b"" = a missing tile)."""
+
+    path = "fake.svs"
+
+    def __init__(self, streams: list[bytes], shape: tuple[int, int]) -> None:
+        from gpfm_engine.slide import TileLayout
+
+        self.streams = streams
+        self.layout = TileLayout(shape[1], shape[0], len(streams), 1, "jpeg")
+
+    def tile_layout(self, level: int):
+        return self.layout
+
+    def read_raw_tiles(self, level: int, indices):
+        return [self.streams[i] for i in indices]
+
+
+def test_decode_slide_tiles_whitens_missing_tiles_and_names_corrupt_ones(slide_streams) -> None:
+    good = slide_streams["jpeg"][:3]
+    ref = cpu_reference(good)
+    slide = _FakeSlide([good[0], b"", good[1], good[2][:100]], ref.shape[1:3])
+    got = gpu_decode.decode_slide_tiles(_CpuBacked("cpu"), slide, 0, [2, 1, 0])
+    assert torch.equal(got[0], torch.from_numpy(ref[1])) and torch.equal(got[2], torch.from_numpy(ref[0]))
+    assert int(got[1].min()) == 255
+    from gpfm_engine.errors import TileDecodeError
+
+    with pytest.raises(TileDecodeError, match=r"fake.svs: level 0 tile 3: JPEG stream truncated"):
+        gpu_decode.decode_slide_tiles(_CpuBacked("cpu"), slide, 0, [1, 0, 3])
+
+
 def test_empty_batch_and_empty_stream() -> None:
     assert _CpuBacked("cpu").decode([], "jpeg").shape == (0, 0, 0, 3)
     with pytest.raises(cpu.StreamDecodeError, match="stream 1: empty stream"):
@@ -258,6 +289,7 @@ def test_stream_glue_on_cpu() -> None:
     with pytest.raises(GpfmError, match="differ in shape"):
         cuda_stream.upload_tiles([tiles[0], np.zeros((2, 2, 3), np.uint8)], "cpu")
     assert cuda_stream.to_host_async(up).wait() is up
+    assert cuda_stream.upload(up, "cpu") is up
     assert cuda_stream.stream_handle("cpu") == -1
     with cuda_stream.on_engine_stream("cpu") as s:
         assert s is None

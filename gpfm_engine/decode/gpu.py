@@ -112,6 +112,35 @@ class GpuDecoder(abc.ABC):
         return f"{type(self).__name__}(device={self.device})"
 
 
+def decode_slide_tiles(decoder: GpuDecoder, slide, level: int, indices: Sequence[int]) -> torch.Tensor:
+    """Stored tiles ``indices`` of a slide level, read raw and decoded by ``decoder``: one uint8
+    ``[T, th, tw, 3]`` tensor on the decoder's device, in order, missing tiles white (as
+    ``Slide.read_tiles`` gives them).
+
+    For levels whose ``tile_layout(level).compression`` is in ``decoder.compressions``; a corrupt
+    tile raises ``TileDecodeError`` naming the file, level and tile index.
+    """
+    from gpfm_engine.decode.cpu import StreamDecodeError
+    from gpfm_engine.errors import TileDecodeError
+
+    indices = [int(i) for i in indices]
+    layout = slide.tile_layout(level)
+    streams = slide.read_raw_tiles(level, indices)
+    present = [k for k, stream in enumerate(streams) if stream]
+    try:
+        tiles = decoder.decode([streams[k] for k in present], layout.compression)
+    except StreamDecodeError as exc:
+        raise TileDecodeError(slide.path, level, indices[present[exc.position]], exc.cause) from None
+    if len(present) == len(streams):
+        return tiles
+    with on_engine_stream(decoder.device):
+        out = torch.full((len(streams), layout.tile_height, layout.tile_width, 3), 255, dtype=torch.uint8,
+                         device=decoder.device)
+        if present:
+            out[torch.tensor(present, device=decoder.device)] = tiles
+    return out
+
+
 def stack_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
     """One ``[T, h, w, 3]`` tensor from per-tile ``[h, w, 3]`` tensors (one device copy)."""
     shapes = {tuple(t.shape) for t in tiles}
