@@ -138,6 +138,17 @@ def test_cpu_variant_hands_other_codecs_to_the_cpu_decoder(cpu_variant: GpuDecod
     assert torch.equal(got, torch.from_numpy(truth))
 
 
+def test_dali_gpu_pipeline_graph_is_valid() -> None:
+    """The "mixed" graph cannot be built without a GPU, but DALI checks operator arguments when the
+    graph is defined, so a misspelt GPU-only option fails here rather than on the device."""
+    pytest.importorskip("nvidia.dali", reason=PLUGINS["dali"][1])
+    from gpfm_engine.decode.dali import _import_dali, define_pipeline
+
+    pipe = define_pipeline(_import_dali(), batch_size=4, num_threads=1, device_id=0, hw_decoder_load=0.9,
+                           fancy_upsampling=True)
+    assert pipe is not None
+
+
 # --- selection, fallbacks, errors (no library needed) ---------------------------------------------
 
 

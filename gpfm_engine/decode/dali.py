@@ -36,6 +36,21 @@ def _import_dali() -> SimpleNamespace:
     return SimpleNamespace(Pipeline=Pipeline, fn=fn, types=types)
 
 
+def define_pipeline(dali: SimpleNamespace, *, batch_size: int, num_threads: int, device_id: int | None,
+                    hw_decoder_load: float, fancy_upsampling: bool):
+    """The decode graph, not yet built: encoded bytes from an external source into ``decoders.image``,
+    "mixed" (GPU) for a device id, "cpu" for ``device_id=None``."""
+    cuda = device_id is not None
+    # prefetch_queue_depth=1: each run() decodes exactly the batch handed to it.
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
+    with pipe:
+        enc = dali.fn.external_source(name="enc", dtype=dali.types.UINT8, ndim=1)
+        options = {"hw_decoder_load": hw_decoder_load, "jpeg_fancy_upsampling": fancy_upsampling} if cuda else {}
+        pipe.set_outputs(dali.fn.decoders.image(enc, device="mixed" if cuda else "cpu", output_type=dali.types.RGB,
+                                                **options))
+    return pipe
+
+
 class DaliDecoder(GpuDecoder):
     """Batched JPEG tile decode through a DALI pipeline fed from Python."""
 
@@ -43,25 +58,19 @@ class DaliDecoder(GpuDecoder):
     package = PACKAGE
 
     def __init__(self, device: torch.device | str = "cuda", batch_size: int = 256, num_threads: int = 2,
-                 hw_decoder_load: float = 0.9) -> None:
+                 hw_decoder_load: float = 0.9, fancy_upsampling: bool = True) -> None:
         super().__init__(device)
         self._dali = _import_dali()
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.hw_decoder_load = hw_decoder_load
+        self.fancy_upsampling = fancy_upsampling  # libjpeg-turbo's chroma upsampling, as the CPU decoder
         self._pipe = self._build()
 
     def _build(self):
-        d = self._dali
-        cuda = self.device.type == "cuda"
-        # prefetch_queue_depth=1: each run() decodes exactly the batch handed to it.
-        pipe = d.Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
-                          device_id=self.device.index if cuda else None, prefetch_queue_depth=1)
-        with pipe:
-            enc = d.fn.external_source(name="enc", dtype=d.types.UINT8, ndim=1)
-            options = {"hw_decoder_load": self.hw_decoder_load} if cuda else {}
-            pipe.set_outputs(d.fn.decoders.image(enc, device="mixed" if cuda else "cpu",
-                                                 output_type=d.types.RGB, **options))
+        pipe = define_pipeline(self._dali, batch_size=self.batch_size, num_threads=self.num_threads,
+                               device_id=self.device.index if self.device.type == "cuda" else None,
+                               hw_decoder_load=self.hw_decoder_load, fancy_upsampling=self.fancy_upsampling)
         pipe.build()
         return pipe
 

@@ -4,8 +4,8 @@ The decoder is restricted to its GPU backends (hardware engine first, then CPU-H
 which suits small tiles, then all-GPU), so a tile never silently takes a CPU path inside the
 library; what it refuses comes back as ``None`` and the batch falls back to our CPU decoder.
 ``cuda_stream`` is the engine stream, and the images export through DLPack on that stream.
-``:fancy_upsampling=1`` asks for libjpeg-turbo's chroma upsampling, so 4:2:0 tiles match the CPU
-decoder closely.
+``fancy_upsampling`` (default on) asks for libjpeg-turbo's chroma upsampling, so 4:2:0 tiles match
+the CPU decoder closely.
 
 ``device="cpu"`` uses nvImageCodec's CPU-only mode (``NVIMGCODEC_DEVICE_CPU_ONLY``), which needs no
 driver: CI checks stream handling and colours with it.
@@ -37,7 +37,7 @@ class NvImageCodecDecoder(GpuDecoder):
     name = "nvimgcodec"
     package = PACKAGE
 
-    def __init__(self, device: torch.device | str = "cuda", num_threads: int = 1) -> None:
+    def __init__(self, device: torch.device | str = "cuda", num_threads: int = 1, fancy_upsampling: bool = True) -> None:
         super().__init__(device)
         nv = self._nv = _import_nvimgcodec()
         if self.device.type == "cuda":
@@ -48,7 +48,7 @@ class NvImageCodecDecoder(GpuDecoder):
             backends = [nv.Backend(nv.BackendKind.CPU_ONLY)]
             device_id = nv.NVIMGCODEC_DEVICE_CPU_ONLY
         self._decoder = nv.Decoder(device_id=device_id, max_num_cpu_threads=num_threads, backends=backends,
-                                   options=":fancy_upsampling=1")
+                                   options=f":fancy_upsampling={int(fancy_upsampling)}")
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
                                        sample_format=nv.SampleFormat.I_RGB)
 
