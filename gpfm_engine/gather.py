@@ -178,4 +178,6 @@ def _on(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
     """The plan's host array as the kernel wants it on ``device`` (host arrays stay as they are)."""
     if device.type == "cpu":
         return array
-    return torch.from_numpy(array).to(device, non_blocking=True)
+    # through pinned memory: a copy from pageable memory would wait for the stream to drain (a host
+    # sync per batch behind the model's work); the pinned block is kept until the copy is done
+    return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
