@@ -320,8 +320,13 @@ class Slide(ABC):
         if rgb.shape[0] < vh or rgb.shape[1] < vw:
             raise TileDecodeError(self.path, level, index,
                                   f"decoded {rgb.shape[1]}x{rgb.shape[0]} px, tile needs {vw}x{vh}")
-        if rgb.shape[:2] == (th, tw) and vw == tw and vh == th:
-            return rgb
+        if rgb.shape[:2] == (th, tw):
+            if vw == tw and vh == th:
+                return rgb
+            if rgb.flags.writeable:  # whiten the decoder's edge filler in place
+                rgb[vh:] = WHITE
+                rgb[:, vw:] = WHITE
+                return rgb
         out = np.full((th, tw, 3), WHITE, np.uint8)
         out[:vh, :vw] = rgb[:vh, :vw]
         return out
