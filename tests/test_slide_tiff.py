@@ -218,3 +218,21 @@ def test_require_mpp(slide_factory):
             slide.require_mpp()
     with open_slide(make(slide_factory, "tiff", "lzw", resolution_unit="none"), mpp=0.5) as slide:
         assert slide.require_mpp() == (0.5, 0.5)
+
+
+def test_missing_tile_is_background(slide_factory, tmp_path):
+    """A tile with byte count 0 (sparse TIFF, Aperio 'missing tile') reads as white, raw as b''."""
+    import shutil
+
+    path = tmp_path / "sparse.tif"
+    shutil.copy(make(slide_factory, "tiff", "jpeg"), path)
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        counts = list(tf.pages[0].databytecounts)
+        counts[6] = 0
+        tf.pages[0].tags["TileByteCounts"].overwrite(counts)
+    with open_slide(path) as slide:
+        assert slide.read_raw_tiles(0, [5, 6])[1] == b""
+        tile5, tile6 = slide.read_tiles(0, [5, 6])
+        assert (tile6 == 255).all() and not (tile5 == 255).all()
+        x, y = slide.tile_layout(0).origin(6)
+        assert (slide.read_region((x, y), 0, (128, 128)) == 255).all()
