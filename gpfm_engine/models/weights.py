@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,8 +124,9 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             return load_file(str(path), device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or unsafe: one line naming the file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first}" if first else f"{type(exc).__name__} (truncated or empty file?)"
+        if isinstance(exc, pickle.UnpicklingError) and first.startswith("Weights only load failed"):
             reason = "refused: the pickle references code, not only tensors (torch.load weights_only=True)"
         raise WeightsError(f"{path}: cannot read weights: {reason}") from exc
     if not isinstance(obj, Mapping):
