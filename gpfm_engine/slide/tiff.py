@@ -165,7 +165,10 @@ def _pyramid_pages(tf: tifffile.TiffFile, path: Path) -> list[tifffile.TiffPage]
     if refused:
         raise FastPathRefused(path, f"{_REFUSED_FLAGS[refused[0]]} layout is not read by the TIFF fast path")
     if tf.is_svs:  # Aperio: the tiled pages are the pyramid (tifffile assumes page 1 is a thumbnail)
-        return sorted((p for p in tf.pages if p.is_tiled), key=lambda p: -int(p.imagewidth))
+        pages = sorted((p for p in tf.pages if p.is_tiled), key=lambda p: -int(p.imagewidth))
+        if not pages:
+            raise FastPathRefused(path, "Aperio file without tiled pyramid pages")
+        return pages
     if not tf.series:
         raise FastPathRefused(path, "TIFF holds no image")
     pages = []
@@ -186,18 +189,16 @@ def _check_complete(tf: tifffile.TiffFile, levels: list[_Level], path: Path) -> 
     tifffile stops quietly at an IFD pointer past the end of the file, so the chain's last
     next-IFD pointer must be 0, and every page's data must lie inside the file.
     """
-    size = tf.filehandle.size
+    fh, fmt = tf.filehandle, tf.tiff
+    size = fh.size
+    order = "little" if fmt.byteorder == "<" else "big"
     pages = tf.pages
     last = pages[len(pages) - 1]  # len() walks every IFD tifffile can reach
-    fh = tf.filehandle
     fh.seek(last.offset)
-    head = fh.read(tf.tiff.tagnosize)
-    count = int.from_bytes(head, "little" if tf.tiff.byteorder == "<" else "big") if len(head) == tf.tiff.tagnosize else 0
-    fh.seek(last.offset + tf.tiff.tagnosize + count * tf.tiff.tagsize)
-    pointer_size = tf.tiff.offsetsize  # 8 for BigTIFF and NDPI
-    raw = fh.read(pointer_size)
-    following = int.from_bytes(raw, "little" if tf.tiff.byteorder == "<" else "big") if raw else 0
-    if len(raw) < pointer_size or following >= size:
+    count = int.from_bytes(fh.read(fmt.tagnosize), order)
+    fh.seek(last.offset + fmt.tagnosize + count * fmt.tagsize)
+    pointer = fh.read(fmt.offsetsize)  # 8 bytes for BigTIFF and NDPI
+    if len(pointer) < fmt.offsetsize or int.from_bytes(pointer, order) >= size:
         raise SlideError(path, f"file truncated: the IFD chain continues past the end of the file ({size} bytes)")
     ends = [lv.offsets + lv.counts for lv in levels]
     ends += [np.asarray(p.dataoffsets, np.int64) + np.asarray(p.databytecounts, np.int64) for p in pages
