@@ -115,5 +115,10 @@ def export(out: str, model_name: str, weights: str | None, fmt: str, precision: 
     click.echo(str(path))
 
 
+from gpfm_engine.extract import extract_command  # noqa: E402 - the command and its logic live in extract.py
+
+main.add_command(extract_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
