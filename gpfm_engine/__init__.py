@@ -13,5 +13,6 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 from gpfm_engine.models import load_model  # noqa: E402 - after __version__, which submodules import
 from gpfm_engine.slide import open_slide  # noqa: E402
+from gpfm_engine.engine import Engine, SlideEmbedding  # noqa: E402
 
-__all__ = ["__version__", "load_model", "open_slide"]
+__all__ = ["__version__", "Engine", "SlideEmbedding", "load_model", "open_slide"]
