@@ -9,6 +9,7 @@ types) is the same for every format.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from pathlib import Path
@@ -99,7 +100,7 @@ class Slide(ABC):
 
     def __init__(self, path: str | Path, *, mpp: float | None = None, tile_cache: TileCache | None = None) -> None:
         self.path = Path(path)
-        if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        if mpp is not None and not (isinstance(mpp, numbers.Real) and math.isfinite(mpp) and mpp > 0):
             raise ValueError(f"{self.path}: mpp override must be a positive number, got {mpp!r}")
         self._mpp_override = float(mpp) if mpp is not None else None
         self._native_mpp: MPP | None = None
