@@ -94,8 +94,8 @@ class JpegTileFixer:
 
     def __init__(self, tables: bytes | None, rgb: bool, ndpi_header: bytes | None = None) -> None:
         self.ndpi_header = ndpi_header
-        self.rgb = rgb and not (tables is not None and declares_colour_space(tables))
-        self.rgb = self.rgb and not (ndpi_header is not None and declares_colour_space(ndpi_header))
+        declared = any(part is not None and declares_colour_space(part) for part in (tables, ndpi_header))
+        self.rgb = rgb and not declared
         # without the APP14 this is the splice rule tables[:-2] + tile[2:]
         body = tables[2:-2] if tables else b""
         self.prefix = SOI + (APP14_RGB if self.rgb else b"") + body
@@ -112,7 +112,7 @@ class JpegTileFixer:
         if tile[:2] != SOI:  # not a JPEG: leave it for the decoder to reject with a clear message
             return tile
         if self.rgb:
-            if declares_colour_space(tile):
-                return self.prefix[: 2] + self.prefix[2 + len(APP14_RGB) :] + tile[2:]
+            if declares_colour_space(tile):  # splice without our APP14
+                return SOI + self.prefix[len(SOI) + len(APP14_RGB) :] + tile[2:]
             tile = rename_rgb_components(tile)
         return self.prefix + tile[2:]
