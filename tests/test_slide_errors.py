@@ -170,3 +170,17 @@ def test_unsupported_real_formats(shared_data):
 
 def test_synth_factory_formats_are_all_readable():
     assert set(synth.FORMATS) == {"svs", "tiff", "bigtiff", "ome"}  # test_slide_tiff covers each
+
+
+def test_missing_openslide_names_the_extra(monkeypatch, tmp_path, slide_factory):
+    import sys
+
+    from gpfm_engine.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide now raises ImportError
+    dicom_like = tmp_path / "slide.dcm"
+    dicom_like.write_bytes(b"\x00" * 128 + b"DICM")
+    with pytest.raises(MissingExtraError, match=r"gpfm-engine\[openslide\]"):
+        open_slide(dicom_like)
+    with open_slide(slide_factory(size=(300, 200), fmt="tiff", compression="lzw", tile=128)) as slide:
+        assert slide.backend == "tiff"  # the fast path does not need OpenSlide
