@@ -15,6 +15,7 @@ Rules compared (stated once here):
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_real_slide_matches_openslide(shared_data, name):
         power = props.get("openslide.objective-power")
         assert slide.objective_power == (float(power) if power else None)
         assert set(slide.associated_images) == set(osr.associated_images)
-        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))  # same windows every run
         for level in sorted({0, n - 1}):
             lossless = slide.backend == "openslide" or slide.tile_layout(level).compression in LOSSLESS
             compare_windows(slide, osr, level, 0 if lossless else 2, rng)
