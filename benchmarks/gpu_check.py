@@ -7,6 +7,8 @@ Sections, each failing soft (an error is reported and the next section runs):
               YCbCr and Aperio-RGB slides (and CMU-1-Small-Region.svs when present): max/mean
               difference, then tiles/s of each against the CPU decoder on all cores.
 3. gather     the gather kernel (crop + antialiased bicubic + normalize) on CUDA vs CPU: max diff.
+   async      no host synchronisation per batch: while the engine stream is kept busy, each stage's
+              host call (upload, gather, model, feature copy, each GPU decoder) only enqueues.
 4. features   engine features on CUDA bf16 vs CPU fp32 for the same tiles: cosine per tile >= 0.999.
 5. throughput ViT-L/14 at 224 (GPFM's architecture, RANDOM weights: speed does not depend on the
               values) in img/s and as a fraction of 4,880 img/s (162 GFLOP/img at the measured
@@ -66,6 +68,7 @@ class Sizes:
     """Problem sizes: full on a GPU, tiny for ``--dry-run`` on a CPU."""
 
     model: str = "gpfm"                 # ViT-L/14, random weights
+    precision: str = "bf16"
     batch: int = 256
     batches: tuple[int, ...] = (256, 512)
     decode_tiles: int = 1024
@@ -78,7 +81,7 @@ class Sizes:
 
     @classmethod
     def dry(cls) -> "Sizes":
-        return cls(model="gpfm-tiny", batch=8, batches=(8,), decode_tiles=16, slide=(720, 480),
+        return cls(model="gpfm-tiny", precision="fp32", batch=8, batches=(8,), decode_tiles=16, slide=(720, 480),
                    e2e_slide=(1440, 960), e2e_slides=2, e2e_overlap=0.0, feature_tiles=2, measure_s=0.2)
 
 
@@ -279,6 +282,7 @@ def section_decode(ctx: Ctx) -> None:
                 ok = int(d.max()) <= DECODE_TOLERANCE
                 ctx.check("decode", f"{name} vs cpu, {label}", ok, f"max diff {int(d.max())}, mean {float(d.mean()):.3f}")
             rate = timed_rate(ctx, lambda: decoder._decode_batch(bench), len(bench), max_calls=50)
+        ctx.cache.setdefault("decoders", {})[name] = (decoder, sets["YCbCr 4:2:0"])
         ctx.check("decode", f"{name} probe", why is None, why or "YCbCr and RGB probe tiles match the CPU decoder")
         ctx.check("decode", f"{name} speed", True, f"{rate:,.0f} tiles/s ({rate * mp / len(bench):,.0f} MP/s), "
                                                   f"{rate / cpu_rate:.2f}x the CPU decoder; batch {len(bench)}")
@@ -306,7 +310,7 @@ def section_gather(ctx: Ctx) -> None:
     path = synth_slide(ctx, "gather.svs", size=ctx.sizes.slide, compression="jpeg")
     with open_slide(path) as slide:
         layout = slide.tile_layout(0)
-        ys, xs = np.mgrid[0: ctx.sizes.slide[1] - 512: 173, 0: ctx.sizes.slide[0] - 512: 191]
+        ys, xs = np.mgrid[0: ctx.sizes.slide[1]: 173, 0: ctx.sizes.slide[0]: 191]  # some cross the edge: white
         coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)[:64]
         for size_read in (512.0, 300.5):
             gather = PatchGather(layout, 0, size_read, cfg.input_size, cfg.mean, cfg.std, torch.float32)
@@ -321,13 +325,67 @@ def section_gather(ctx: Ctx) -> None:
                       f"max abs diff {d:.2e} over {len(coords)} patches")
 
 
+def section_async(ctx: Ctx) -> None:
+    """No host synchronisation per batch: with the engine stream kept busy by a device-side sleep,
+    each stage's host call must return long before the sleep ends (it only enqueues work)."""
+    if ctx.device.type != "cuda":
+        ctx.check("async", "stages enqueue without waiting for the GPU", None, "skipped: needs CUDA")
+        return
+    from gpfm_engine.cuda_stream import on_engine_stream, to_host_async, upload_tiles
+    from gpfm_engine.gather import PatchGather
+    from gpfm_engine.models import get_model_cfg
+
+    with on_engine_stream(ctx.device):  # calibrate the sleep: GPU clock cycles per second
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(50_000_000)
+        end.record()
+    ctx.sync()
+    busy_s = 0.3
+    cycles = int(busy_s * 50_000_000 / (start.elapsed_time(end) / 1e3))
+
+    def host_seconds(fn: Callable[[], object]) -> float:
+        with on_engine_stream(ctx.device):
+            fn()  # first call outside the measurement: allocations, handles, kernel selection
+            ctx.sync()
+            torch.cuda._sleep(cycles)
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+        ctx.sync()
+        return seconds
+
+    cfg = get_model_cfg(ctx.sizes.model)
+    tiles = list(np.stack([tissue_images(1, 240)[0]] * 16))
+    layout = type("Layout", (), {"tile_width": 240, "tile_height": 240, "columns": 4, "rows": 4})()
+    gather = PatchGather(layout, 0, 512.0, cfg.input_size, cfg.mean, cfg.std, torch.bfloat16)
+    plan = gather.plan(np.array([[0, 0], [100, 200], [300, 50]]), 1.0)
+    tiles_gpu = upload_tiles(tiles, ctx.device)[: len(plan.tile_indices)]
+    out = gather.empty_batch(len(plan), ctx.device)
+    backend = _model_backend(ctx)
+    x = torch.zeros((64, *backend.input_shape), device=ctx.device, dtype=backend.input_dtype)
+    feats = torch.zeros((256, cfg.feature_dim), device=ctx.device)
+    stages: dict[str, Callable[[], object]] = {
+        "upload_tiles (pinned, side stream)": lambda: upload_tiles(tiles, ctx.device),
+        "gather.run (plan upload + kernel)": lambda: gather.run(tiles_gpu, plan, out),
+        "backend.run (torch eager bf16, batch 64)": lambda: backend.run(x),
+        "to_host_async (features)": lambda: to_host_async(feats),
+    }
+    for name, (decoder, streams) in ctx.cache.get("decoders", {}).items():
+        stages[f"{name} decode ({len(streams)} tiles)"] = lambda d=decoder, st=streams: d._decode_batch(st)
+    for name, fn in stages.items():
+        seconds = host_seconds(fn)
+        ctx.check("async", name, seconds < busy_s / 2,
+                  f"host call took {seconds * 1e3:.1f} ms while the stream was busy for {busy_s * 1e3:.0f} ms")
+
+
 def section_features(ctx: Ctx) -> None:
     from gpfm_engine.engine import Engine
 
     weights = str(random_weights(ctx, ctx.sizes.model))
     images = tissue_images(ctx.sizes.feature_tiles)
     ref = Engine(model=ctx.sizes.model, weights=weights, device="cpu", precision="fp32").embed_tiles(images)
-    precision = "bf16"
+    precision = ctx.sizes.precision
     got = Engine(model=ctx.sizes.model, weights=weights, device=ctx.device, precision=precision).embed_tiles(images)
     cos = torch.nn.functional.cosine_similarity(got.float().cpu(), ref.float(), dim=1)
     ctx.check("features", f"{ctx.sizes.model} {ctx.device.type} {precision} vs cpu fp32 (random weights)",
@@ -340,8 +398,7 @@ def _model_backend(ctx: Ctx, **options):
     from gpfm_engine.models import build_model
 
     torch.manual_seed(0)
-    precision = "bf16"
-    return TorchBackend(build_model(ctx.sizes.model), ctx.device, precision, **options)
+    return TorchBackend(build_model(ctx.sizes.model), ctx.device, ctx.sizes.precision, **options)
 
 
 def _model_rate(ctx: Ctx, backend, batch: int) -> float:
@@ -353,7 +410,7 @@ def _model_rate(ctx: Ctx, backend, batch: int) -> float:
 
 
 def section_model(ctx: Ctx) -> None:
-    label = f"{ctx.sizes.model} (random weights) bf16"
+    label = f"{ctx.sizes.model} (random weights) {ctx.sizes.precision}"
     eager = _model_backend(ctx)
     for batch in ctx.sizes.batches:
         rate = _model_rate(ctx, eager, batch)
@@ -385,7 +442,7 @@ def section_model(ctx: Ctx) -> None:
         from gpfm_engine.backends import create_backend
 
         trt = create_backend("tensorrt", ctx.sizes.model, weights=str(random_weights(ctx, ctx.sizes.model)),
-                             device=ctx.device, precision="bf16")
+                             device=ctx.device, precision=ctx.sizes.precision)
         rate = _model_rate(ctx, trt, ctx.sizes.batch)
         ctx.rate(f"model-only: TensorRT, batch {ctx.sizes.batch}", rate, label)
         ctx.cache["model_only"] = max(ctx.cache["model_only"], rate)
@@ -398,7 +455,8 @@ def _extract(ctx: Ctx, slides: Sequence[Path], out: Path, weights: str) -> tuple
     from gpfm_engine.extract import ExtractRequest, run_extract
 
     req = ExtractRequest(slides=[str(p) for p in slides], out=out, model=ctx.sizes.model, weights=weights,
-                         device=str(ctx.device), backend="torch", precision="bf16", batch_size=ctx.sizes.batch,
+                         device=str(ctx.device), backend="torch", precision=ctx.sizes.precision,
+                         batch_size=ctx.sizes.batch,
                          overlap=ctx.sizes.e2e_overlap, quiet=True)
     t0 = time.perf_counter()
     status = run_extract(req)
@@ -422,17 +480,18 @@ def section_end_to_end(ctx: Ctx) -> None:
         if not p.exists():
             os.link(first, p)  # same bytes under another name: a new slide to the engine
         slides.append(p)
-    _extract(ctx, slides[:1], ctx.work / "out-warm", weights)  # cuDNN/cuBLAS choices, thread pools
+    if not ctx.dry_run:
+        _extract(ctx, slides[:1], ctx.work / "out-warm", weights)  # cuDNN/cuBLAS choices, thread pools
     patches, seconds = _extract(ctx, slides, ctx.work / "out", weights)
     e2e = patches / seconds
     ctx.cache["e2e"] = e2e
     decoder = "CPU decode (libjpeg-turbo threads)"
     ctx.rate("end-to-end: gpfm-engine extract", e2e,
              f"{len(slides)} slides {ctx.sizes.e2e_slide[0]}x{ctx.sizes.e2e_slide[1]}, {patches} patches in "
-             f"{seconds:.1f} s; torch eager bf16 batch {ctx.sizes.batch}; {decoder}; h5 written")
+             f"{seconds:.1f} s; torch eager {ctx.sizes.precision} batch {ctx.sizes.batch}; {decoder}; h5 written")
     model_only = ctx.cache.get("model_only")
     if model_only:
-        ctx.check("throughput", "end-to-end / model-only", e2e / model_only >= GOAL_E2E_OF_MODEL,
+        ctx.check("throughput", "end-to-end / model-only", e2e / model_only >= GOAL_E2E_OF_MODEL if not ctx.dry_run else None,
                   f"{e2e / model_only:.1%} (goal >= {GOAL_E2E_OF_MODEL:.0%}; model-only best {model_only:,.0f} img/s)")
     ctx.check("throughput", "end-to-end img/s", e2e >= GOAL_E2E_IMG_S if not ctx.dry_run else None,
               f"{e2e:,.0f} img/s (goal >= {GOAL_E2E_IMG_S:,.0f} on an H200)")
@@ -465,7 +524,7 @@ def section_baseline(ctx: Ctx) -> None:
         coords = np.asarray(plan.grid.coords, np.int64)
         level, read_size = int(plan.grid.read_level), int(round(float(plan.grid.patch_size_read)))
     model = _OnDevice(load_model(ctx.sizes.model, ctx.cache["e2e_weights"]), ctx.device,
-                      torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
+                      {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.sizes.precision, torch.float32))
     transform = baselines.pil_transform(model.model.cfg)
     threads = os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -473,7 +532,8 @@ def section_baseline(ctx: Ctx) -> None:
     ctx.sync()
     rate = len(feats) / (time.perf_counter() - t0)
     ctx.rate("PyTorch baseline (TRIDENT-style)", rate,
-             f"OpenSlide read_region on {threads} threads + PIL bicubic + eager model bf16, batch {ctx.sizes.batch}; "
+             f"OpenSlide read_region on {threads} threads + PIL bicubic + eager model {ctx.sizes.precision}, "
+             f"batch {ctx.sizes.batch}; "
              f"{len(coords)} patches of one slide")
     e2e = ctx.cache.get("e2e")
     if e2e:
@@ -486,6 +546,7 @@ SECTIONS: tuple[tuple[str, Callable[[Ctx], None], float], ...] = (
     ("build", section_build, 0),
     ("decode", section_decode, 20),
     ("gather", section_gather, 10),
+    ("async", section_async, 15),
     ("features", section_features, 30),
     ("model", section_model, 30),
     ("end-to-end", section_end_to_end, 40),
