@@ -72,6 +72,7 @@ class Sizes:
     batch: int = 256
     batches: tuple[int, ...] = (256, 512)
     decode_tiles: int = 1024
+    real_tiles: int = 130               # CMU-1-Small-Region.svs has 10 x 13 level-0 tiles
     slide: tuple[int, int] = (2400, 1800)
     e2e_slide: tuple[int, int] = (16000, 12000)
     e2e_slides: int = 4
@@ -81,8 +82,8 @@ class Sizes:
 
     @classmethod
     def dry(cls) -> "Sizes":
-        return cls(model="gpfm-tiny", precision="fp32", batch=8, batches=(8,), decode_tiles=16, slide=(720, 480),
-                   e2e_slide=(1440, 960), e2e_slides=2, e2e_overlap=0.0, feature_tiles=2, measure_s=0.2)
+        return cls(model="gpfm-tiny", precision="fp32", batch=8, batches=(8,), decode_tiles=16, real_tiles=16,
+                   slide=(720, 480), e2e_slide=(1440, 960), e2e_slides=1, e2e_overlap=0.0, feature_tiles=2, measure_s=0.2)
 
 
 @dataclass
@@ -242,7 +243,7 @@ def section_decode(ctx: Ctx) -> None:
         "Aperio RGB": raw_tiles(synth_slide(ctx, "rgb.svs", size=ctx.sizes.slide, compression="jpeg_rgb"), 64),
     }
     if ctx.data is not None and (ctx.data / REAL_APERIO).exists():
-        sets["CMU-1-Small-Region"] = raw_tiles(ctx.data / REAL_APERIO, 130)
+        sets["CMU-1-Small-Region"] = raw_tiles(ctx.data / REAL_APERIO, ctx.sizes.real_tiles)
     else:
         ctx.check("decode", "real Aperio slide", None, f"{REAL_APERIO} not found under --data")
     refs = {k: np.stack(cpu.decode(v, "jpeg")) for k, v in sets.items()}
