@@ -2,19 +2,21 @@
 
 Sections, each failing soft (an error is reported and the next section runs):
 
-1. build      ``_core.build_info()``: CUDA launchers compiled and usable; versions.
-2. decode     every GPU decoder plug-in vs the CPU decoder on the spliced tiles of synthesized
-              YCbCr and Aperio-RGB slides (and CMU-1-Small-Region.svs when present): max/mean
-              difference, then tiles/s of each against the CPU decoder on all cores.
-3. gather     the gather kernel (crop + antialiased bicubic + normalize) on CUDA vs CPU: max diff.
-   async      no host synchronisation per batch: while the engine stream is kept busy, each stage's
-              host call (upload, gather, model, feature copy, each GPU decoder) only enqueues.
-4. features   engine features on CUDA bf16 vs CPU fp32 for the same tiles: cosine per tile >= 0.999.
-5. throughput ViT-L/14 at 224 (GPFM's architecture, RANDOM weights: speed does not depend on the
-              values) in img/s and as a fraction of 4,880 img/s (162 GFLOP/img at the measured
-              790 TFLOP/s bf16): model-only torch eager bf16, torch.compile + CUDA graphs,
-              TensorRT when importable; end-to-end ``gpfm-engine extract`` over synthesized slides;
-              the PyTorch baseline (OpenSlide reads on a thread pool, PIL resize, same model bf16).
+build       ``_core.build_info()``: CUDA launchers compiled and usable; versions.
+decode      every GPU decoder plug-in vs the CPU decoder on the spliced tiles of synthesized YCbCr and
+            Aperio-RGB slides (and CMU-1-Small-Region.svs when present): max/mean difference, the
+            colour probe, tiles/s against the CPU decoder on all cores; the pinned upload path.
+gather      the gather kernel (crop + antialiased bicubic + normalize) on CUDA vs CPU: max diff.
+async       no host synchronisation per batch: while the engine stream is kept busy, each stage's host
+            call (upload, gather, model, feature copy, each GPU decoder) must only enqueue work.
+features    engine features on CUDA bf16 vs CPU fp32 for the same tiles: cosine per tile >= 0.999.
+model       ViT-L/14 at 224 (GPFM's architecture, RANDOM weights: speed does not depend on the values)
+            in img/s and as a fraction of 4,880 img/s (162 GFLOP/img at the measured 790 TFLOP/s
+            bf16): torch eager bf16, torch.compile + CUDA graphs, TensorRT when importable.
+end-to-end  ``gpfm-engine extract`` over synthesized slides (the engine's GPU decoder, then the CPU
+            decoder), against the eager model-only rate and the 3,500 img/s goal.
+baseline    the PyTorch baseline on the same GPU and slide (OpenSlide reads on a thread pool, PIL
+            resize, the same model and precision): the end-to-end ratio against the 8x goal.
 
 The throughput table and the check verdicts are appended to benchmarks/RESULTS.md with the date,
 GPU and versions. Budget: under 6 minutes on an H200 (``--budget-s``; sections that would not
@@ -22,12 +24,12 @@ fit are skipped with the reason). ``--dry-run`` runs every section on the CPU wi
 a tiny model, to prove the script itself works where no GPU is (tests/test_gpu_check.py).
 
 Run (repository root):  python benchmarks/gpu_check.py [--dry-run] [--data DIR] [--results FILE]
+On a lent device machine: benchmarks/gpu_check_device.sh (prepare here, run there).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import importlib.util
 import logging
 import os
