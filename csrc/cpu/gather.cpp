@@ -4,12 +4,13 @@
 // Layout choices, for speed without leaving integer arithmetic (integer sums are exact in any
 // order, so vectorising cannot change a single output value):
 // - Pillow's horizontal pass sums neighbouring pixels of one row, which vectorises badly on
-//   interleaved RGB. We gather the source square kRows rows at a time transposed (column-major,
-//   the kRows * 3 values of one column side by side), so the horizontal pass becomes a sum of
-//   whole kLanes-wide vectors with one broadcast coefficient each.
+//   interleaved RGB. We gather the source kRows rows at a time transposed: one 48-byte record per
+//   source column holding its R of the 16 rows, then G, then B. The horizontal pass is then a sum
+//   of whole 48-lane records with one broadcast coefficient each.
 // - Its uint8 result goes to channel planes [3][rows][out], so the vertical pass is again a sum of
 //   contiguous rows, and its result is one NCHW output row per channel.
-// The two hot loops exist as portable C++ and as AVX2 intrinsics, picked once at run time.
+// Both transpositions are 16 x 16 byte block transposes (SSE2 on x86); the two hot loops exist as
+// portable C++ and as AVX2 intrinsics, picked once at run time.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -32,9 +33,8 @@ namespace {
 
 namespace rs = resample;
 
-constexpr int kRows = 16;           // source rows per horizontal block
-constexpr int kLanes = kRows * 3;  // values per transposed source column
-constexpr int kStride = 64;        // bytes per transposed column: kLanes plus slack for 4-byte moves
+constexpr int kRows = 16;           // source rows per horizontal block: one 16-byte vector per channel
+constexpr int kLanes = kRows * 3;  // bytes per transposed record, lane c * kRows + r = channel c of row r
 constexpr uint8_t kWhite = 255;
 
 // Fixed-point coefficients of one axis for every output pixel.
@@ -55,7 +55,8 @@ struct AxisTable {
   int rows_end() const { return first.back() + count.back(); }
 };
 
-// Reads rows of one patch's source rectangle out of the tiles, white where there are no pixels.
+// Where one patch's source pixels are: the source rectangle split into runs of columns that lie
+// in one tile column of the patch's frame, and per row a pointer into the tile (or white).
 class PatchSource {
  public:
   PatchSource(const TileRefs& tiles, const GatherPatches& patches, int64_t i, int width)
@@ -64,38 +65,48 @@ class PatchSource {
         x_end_(std::min<int64_t>(patches.rects[i * 4 + 2], patches.cols * tiles.w)),
         y_end_(std::min<int64_t>(patches.rects[i * 4 + 3], patches.rows * tiles.h)), width_(width) {}
 
+  int width() const { return width_; }
+  int64_t pixel_stride() const { return t_.sx; }
+
+  // Source columns [x, returned end) lie in one tile column, *column (-1: outside the frame).
+  int run(int x, int64_t* column) const {
+    const int64_t u = x0_ + x;
+    if (u < 0) {
+      *column = -1;
+      return static_cast<int>(std::min<int64_t>(-x0_, width_));
+    }
+    if (u >= x_end_) {
+      *column = -1;
+      return width_;
+    }
+    *column = u / t_.w;
+    return static_cast<int>(std::min({(*column + 1) * t_.w, x0_ + width_, x_end_}) - x0_);
+  }
+
+  // Source pixel (x, y) of the run in tile column `column`, or null where it is white.
+  const uint8_t* pixel(int x, int y, int64_t column) const {
+    const int64_t v = y0_ + y;
+    if (column < 0 || v < 0 || v >= y_end_) return nullptr;
+    const int64_t r = v / t_.h;
+    const int32_t idx = lut_[r * cols_ + column];
+    if (idx < 0 || idx >= t_.n) return nullptr;
+    return t_.ptrs[idx] + (v - r * t_.h) * t_.sy + (x0_ + x - column * t_.w) * t_.sx;
+  }
+
   // dst[0 .. width*3) = source row y (packed RGB).
   void row(int y, uint8_t* dst) const {
-    const int64_t v = y0_ + y;
-    if (v < 0 || v >= y_end_) {
-      memset(dst, kWhite, static_cast<size_t>(width_) * 3);
-      return;
-    }
-    const int64_t r = v / t_.h, off_y = v % t_.h;
-    int64_t u = x0_;
-    const int64_t u_end = x0_ + width_;
-    while (u < u_end) {
-      uint8_t* out = dst + (u - x0_) * 3;
-      if (u < 0 || u >= x_end_) {  // left of the frame, or beyond the level's right edge
-        const int64_t stop = u < 0 ? std::min<int64_t>(0, u_end) : u_end;
-        memset(out, kWhite, static_cast<size_t>(stop - u) * 3);
-        u = stop;
-        continue;
-      }
-      const int64_t c = u / t_.w;
-      const int64_t stop = std::min({(c + 1) * t_.w, u_end, x_end_});
-      const int32_t idx = lut_[r * cols_ + c];
-      if (idx < 0 || idx >= t_.n) {
-        memset(out, kWhite, static_cast<size_t>(stop - u) * 3);
+    for (int x = 0, stop; x < width_; x = stop) {
+      int64_t column;
+      stop = run(x, &column);
+      const uint8_t* p = pixel(x, y, column);
+      const size_t n = static_cast<size_t>(stop - x);
+      if (p == nullptr) {
+        memset(dst + x * 3, kWhite, n * 3);
+      } else if (t_.sx == 3) {
+        memcpy(dst + x * 3, p, n * 3);
       } else {
-        const uint8_t* src = t_.ptrs[idx] + off_y * t_.sy + (u - c * t_.w) * t_.sx;
-        if (t_.sx == 3) {
-          memcpy(out, src, static_cast<size_t>(stop - u) * 3);
-        } else {
-          for (int64_t p = 0; p < stop - u; ++p) memcpy(out + p * 3, src + p * t_.sx, 3);
-        }
+        for (size_t i = 0; i < n; ++i) memcpy(dst + (x + i) * 3, p + i * t_.sx, 3);
       }
-      u = stop;
     }
   }
 
@@ -107,30 +118,77 @@ class PatchSource {
   int width_;
 };
 
-// src_t[x * kStride + r * 3 + c] = rows[r * row_stride + x * 3 + c] for the kRows rows. Moves
-// 4 bytes per pixel: the extra byte lands on the next lane, which the next row (or for the last
-// row the slack past kLanes) overwrites, so rows needs one readable byte past each row's end.
-void transpose_rows(const uint8_t* rows, int64_t row_stride, int width, uint8_t* src_t) {
-  for (int x = 0; x < width; ++x) {
-    const uint8_t* p = rows + x * 3;
-    uint8_t* rec = src_t + static_cast<int64_t>(x) * kStride;
-    for (int r = 0; r < kRows; ++r) memcpy(rec + r * 3, p + r * row_stride, 4);
+#if GPFM_X86
+// Transposes the 16 x 16 byte block a[0..16) (row i in a[i]) in place: four rounds of interleaving
+// rows i and i + 8, each rotating the bits of the (row, column) index by one.
+inline void transpose16x16(__m128i a[16]) {
+  __m128i b[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      b[2 * i] = _mm_unpacklo_epi8(a[i], a[i + 8]);
+      b[2 * i + 1] = _mm_unpackhi_epi8(a[i], a[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) a[i] = b[i];
+  }
+}
+#endif
+
+// Source rows [y0, y0 + rows) transposed into records: src_t[x * kLanes + c * kRows + r] = channel
+// c of pixel (x, y0 + r), straight from the tiles; rows past `rows` are white (computed, then
+// dropped).
+void gather_block(const PatchSource& src, int y0, int rows, [[maybe_unused]] bool simd, uint8_t* src_t) {
+  static const std::vector<uint8_t> white(kLanes, kWhite);
+  const int64_t sx = src.pixel_stride();
+  const uint8_t* p[kRows];
+  int64_t step[kRows];
+  for (int x = 0, stop; x < src.width(); x = stop) {
+    int64_t column;
+    stop = src.run(x, &column);
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t* q = r < rows ? src.pixel(x, y0 + r, column) : nullptr;
+      p[r] = q ? q : white.data();
+      step[r] = q ? sx : 0;
+    }
+    const int n = stop - x;
+    int i = 0;
+#if GPFM_X86
+    // 16 pixels of 16 rows: three byte-block transposes turn the rows' 48 bytes into 48 vectors,
+    // one per (pixel, channel), each holding that value of the 16 rows.
+    for (; simd && sx == 3 && i + 16 <= n; i += 16) {
+      uint8_t* rec = src_t + static_cast<int64_t>(x + i) * kLanes;
+      for (int g = 0; g < 3; ++g) {
+        __m128i a[16];
+        for (int r = 0; r < kRows; ++r)
+          a[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + i * step[r] + 16 * g));
+        transpose16x16(a);
+        for (int j = 0; j < 16; ++j) {
+          const int byte = 16 * g + j;  // pixel byte / 3, channel byte % 3
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(rec + (byte / 3) * kLanes + (byte % 3) * kRows), a[j]);
+        }
+      }
+    }
+#endif
+    for (; i < n; ++i) {
+      uint8_t* rec = src_t + static_cast<int64_t>(x + i) * kLanes;
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < 3; ++c) rec[c * kRows + r] = p[r][i * step[r] + c];
+    }
   }
 }
 
 // ---- the two hot loops: portable C++ (auto-vectorised for the baseline ISA) and AVX2 ------------
 
-// Horizontal pass over one block: src_t is [in_size][kStride] (kRows source rows transposed, lane
-// r * 3 + c = row r, channel c); out_t receives [out_size][kStride] in the same lane order.
+// Horizontal pass over one block: src_t is [in_size][kLanes] (see gather_block); out_t receives
+// [out_size][kLanes] in the same lane order.
 void horizontal_block_portable(const uint8_t* src_t, const AxisTable& tab, uint8_t* out_t) {
   for (int xx = 0; xx < tab.axis.out_size; ++xx) {
     const int32_t* k = tab.taps(xx);
-    const uint8_t* s = src_t + static_cast<int64_t>(tab.first[xx]) * kStride;
+    const uint8_t* s = src_t + static_cast<int64_t>(tab.first[xx]) * kLanes;
     int32_t acc[kLanes];
     for (int j = 0; j < kLanes; ++j) acc[j] = rs::kHalf;
-    for (int t = 0; t < tab.count[xx]; ++t, s += kStride)
+    for (int t = 0; t < tab.count[xx]; ++t, s += kLanes)
       for (int j = 0; j < kLanes; ++j) acc[j] += k[t] * static_cast<int32_t>(s[j]);
-    for (int j = 0; j < kLanes; ++j) out_t[static_cast<int64_t>(xx) * kStride + j] = rs::clip8(acc[j]);
+    for (int j = 0; j < kLanes; ++j) out_t[static_cast<int64_t>(xx) * kLanes + j] = rs::clip8(acc[j]);
   }
 }
 
@@ -174,9 +232,9 @@ GPFM_AVX2 void horizontal_block_avx2(const uint8_t* src_t, const AxisTable& tab,
   const __m256i half = _mm256_set1_epi32(rs::kHalf);
   for (int xx = 0; xx < tab.axis.out_size; ++xx) {
     const int32_t* k = tab.taps(xx);
-    const uint8_t* s = src_t + static_cast<int64_t>(tab.first[xx]) * kStride;
+    const uint8_t* s = src_t + static_cast<int64_t>(tab.first[xx]) * kLanes;
     __m256i a0 = half, a1 = half, a2 = half, a3 = half, a4 = half, a5 = half;
-    for (int t = 0; t < tab.count[xx]; ++t, s += kStride) {
+    for (int t = 0; t < tab.count[xx]; ++t, s += kLanes) {
       const __m256i kt = _mm256_set1_epi32(k[t]);
       a0 = mac8(a0, kt, s);
       a1 = mac8(a1, kt, s + 8);
@@ -185,7 +243,7 @@ GPFM_AVX2 void horizontal_block_avx2(const uint8_t* src_t, const AxisTable& tab,
       a4 = mac8(a4, kt, s + 32);
       a5 = mac8(a5, kt, s + 40);
     }
-    uint8_t* o = out_t + static_cast<int64_t>(xx) * kStride;
+    uint8_t* o = out_t + static_cast<int64_t>(xx) * kLanes;
     clip8_store16(a0, a1, o);
     clip8_store16(a2, a3, o + 16);
     clip8_store16(a4, a5, o + 32);
@@ -211,19 +269,21 @@ GPFM_AVX2 void vertical_row_avx2(const uint8_t* src, int64_t stride, const int32
 #endif
 
 struct HotLoops {
+  bool simd;  // x86 SIMD (SSE2 transposes, AVX2 passes) rather than the portable loops
   void (*horizontal)(const uint8_t* src_t, const AxisTable& tab, uint8_t* out_t);
   void (*vertical)(const uint8_t* src, int64_t stride, const int32_t* k, int count, int width, uint8_t* out);
 };
 
-// AVX2 where the CPU has it, unless GPFM_SIMD=portable (how the tests reach the portable loops).
+// x86 SIMD where the CPU has AVX2, unless GPFM_SIMD=portable (how the tests reach the code that
+// non-x86 builds run).
 HotLoops pick_hot_loops() {
   const char* env = std::getenv("GPFM_SIMD");
   const bool portable = env != nullptr && std::string(env) == "portable";
 #if GPFM_X86
-  if (!portable && __builtin_cpu_supports("avx2")) return {horizontal_block_avx2, vertical_row_avx2};
+  if (!portable && __builtin_cpu_supports("avx2")) return {true, horizontal_block_avx2, vertical_row_avx2};
 #endif
   (void)portable;
-  return {horizontal_block_portable, vertical_row_portable};
+  return {false, horizontal_block_portable, vertical_row_portable};
 }
 
 const HotLoops& hot_loops() {
@@ -231,40 +291,26 @@ const HotLoops& hot_loops() {
   return loops;
 }
 
-// dst[j * dst_stride + i] = src[i * src_stride + j] for a 16 x 16 byte block.
-void transpose16x16(const uint8_t* src, int64_t src_stride, uint8_t* dst, int64_t dst_stride) {
-#if GPFM_X86
-  // Four rounds of interleaving rows i and i + 8 transpose the block (each round rotates the
-  // bits of the (row, column) index by one).
-  __m128i a[16], b[16];
-  for (int i = 0; i < 16; ++i) a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride));
-  for (int round = 0; round < 4; ++round) {
-    for (int i = 0; i < 8; ++i) {
-      b[2 * i] = _mm_unpacklo_epi8(a[i], a[i + 8]);
-      b[2 * i + 1] = _mm_unpackhi_epi8(a[i], a[i + 8]);
-    }
-    for (int i = 0; i < 16; ++i) a[i] = b[i];
-  }
-  for (int j = 0; j < 16; ++j) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j * dst_stride), a[j]);
-#else
-  for (int j = 0; j < 16; ++j)
-    for (int i = 0; i < 16; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
-#endif
-}
-
-// Moves a block's horizontal output ([out_size][kStride], lane r * 3 + c) into rows `rows` of the
-// channel planes (plane c row r at planes[c * plane + r * out_size]).
-void scatter_to_planes(const uint8_t* out_t, int out_size, int rows, uint8_t* planes, int64_t plane) {
-  uint8_t lanes[kLanes][16];
+// Moves a block's horizontal output ([out_size][kLanes], lane c * kRows + r) into rows `rows` of
+// the channel planes (plane c row r at planes[c * plane + r * out_size]).
+void scatter_to_planes(const uint8_t* out_t, int out_size, int rows, [[maybe_unused]] bool simd, uint8_t* planes,
+                       int64_t plane) {
   int xx = 0;
-  for (; xx + 16 <= out_size; xx += 16) {
-    for (int g = 0; g < kLanes; g += 16) transpose16x16(out_t + xx * kStride + g, kStride, lanes[g], 16);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < 3; ++c) memcpy(planes + c * plane + r * out_size + xx, lanes[r * 3 + c], 16);
+#if GPFM_X86
+  for (; simd && xx + 16 <= out_size; xx += 16) {
+    for (int c = 0; c < 3; ++c) {
+      __m128i a[16];
+      for (int i = 0; i < 16; ++i)
+        a[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(out_t + (xx + i) * kLanes + c * kRows));
+      transpose16x16(a);
+      for (int r = 0; r < rows; ++r)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + c * plane + r * out_size + xx), a[r]);
+    }
   }
+#endif
   for (; xx < out_size; ++xx)
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < 3; ++c) planes[c * plane + r * out_size + xx] = out_t[xx * kStride + r * 3 + c];
+    for (int c = 0; c < 3; ++c)
+      for (int r = 0; r < rows; ++r) planes[c * plane + r * out_size + xx] = out_t[xx * kLanes + c * kRows + r];
 }
 
 template <OutDType D>
@@ -303,7 +349,7 @@ struct PatchJob {
   char* dst;
   float* background;
 
-  std::vector<uint8_t> row, rows, src_t, out_t, planes, out_rows;
+  std::vector<uint8_t> row, src_t, out_t, planes, out_rows;
 
   // One output row yy from the three channel rows rgb; returns its background pixel count.
   int64_t emit_row(int64_t i, int yy, const uint8_t* const rgb[3]) const {
@@ -333,22 +379,18 @@ struct PatchJob {
     const AxisTable &hx = *h_axis, &vy = *v_axis;
     const int in = hx.axis.in_size, s = hx.axis.out_size;
     const int y_begin = vy.rows_begin(), y_end = vy.rows_end(), ny = y_end - y_begin;
-    const int64_t row_stride = static_cast<int64_t>(in) * 3 + 1;  // + 1: transpose_rows moves 4 bytes a pixel
-    rows.resize(static_cast<size_t>(row_stride) * kRows);
-    src_t.resize(static_cast<size_t>(in) * kStride);
-    out_t.resize(static_cast<size_t>(s) * kStride);
+    src_t.resize(static_cast<size_t>(in) * kLanes);
+    out_t.resize(static_cast<size_t>(s) * kLanes);
     planes.resize(static_cast<size_t>(3) * ny * s);
     out_rows.resize(static_cast<size_t>(s) * 3);
     const int64_t plane = static_cast<int64_t>(ny) * s;
 
     for (int yb = y_begin; yb < y_end; yb += kRows) {
       const int nrows = std::min(kRows, y_end - yb);
-      for (int r = 0; r < nrows; ++r) src.row(yb + r, &rows[r * row_stride]);
-      // rows past the last one are computed, then dropped
-      if (nrows < kRows) memset(&rows[nrows * row_stride], kWhite, (kRows - nrows) * row_stride);
-      transpose_rows(rows.data(), row_stride, in, src_t.data());
+      gather_block(src, yb, nrows, hot_loops().simd, src_t.data());
       hot_loops().horizontal(src_t.data(), hx, out_t.data());
-      scatter_to_planes(out_t.data(), s, nrows, &planes[static_cast<size_t>(yb - y_begin) * s], plane);
+      scatter_to_planes(out_t.data(), s, nrows, hot_loops().simd, &planes[static_cast<size_t>(yb - y_begin) * s],
+                        plane);
     }
 
     const uint8_t* rgb[3] = {&out_rows[0], &out_rows[s], &out_rows[2 * s]};
@@ -387,7 +429,7 @@ void gather_cpu(const TileRefs& tiles, const GatherPatches& patches, const Gathe
   const int64_t grain = std::max<int64_t>(1, patches.n / (4 * static_cast<int64_t>(num_threads())));
   parallel_for(patches.n, grain, [&](int64_t b, int64_t e) {
     PatchJob job{tiles, patches, params, h_axis ? &*h_axis : nullptr, v_axis ? &*v_axis : nullptr, store,
-                 static_cast<char*>(dst), background, {}, {}, {}, {}, {}, {}};
+                 static_cast<char*>(dst), background, {}, {}, {}, {}, {}};
     for (int64_t i = b; i < e; ++i) job.run(i);
   });
 }
