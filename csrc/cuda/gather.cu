@@ -26,30 +26,34 @@ constexpr int kThreads = 256;
 constexpr int kMaxBand = 64;
 constexpr size_t kDefaultSharedBudget = 48 * 1024;
 
-// Where one patch's pixels are (see GatherPatches).
+// Where one patch's pixels are (see GatherPatches). Frame coordinates are small (a few tiles), so
+// the per-tap arithmetic is 32-bit: 64-bit division is emulated on the GPU and costs far more.
 struct Frame {
   const int32_t* lut;
-  int64_t cols, x0, y0, x_end, y_end;
+  int cols, tile_w, tile_h, x0, y0, x_end, y_end;
 };
 
 __device__ Frame frame_of(const TileRefs& t, const GatherPatches& p, int64_t i) {
   Frame f;
   f.lut = p.lut + i * p.rows * p.cols;
-  f.cols = p.cols;
+  f.cols = static_cast<int>(p.cols);
+  f.tile_w = static_cast<int>(t.w);
+  f.tile_h = static_cast<int>(t.h);
   f.x0 = p.rects[i * 4 + 0];
   f.y0 = p.rects[i * 4 + 1];
-  f.x_end = min(static_cast<int64_t>(p.rects[i * 4 + 2]), p.cols * t.w);
-  f.y_end = min(static_cast<int64_t>(p.rects[i * 4 + 3]), p.rows * t.h);
+  f.x_end = static_cast<int>(min(static_cast<int64_t>(p.rects[i * 4 + 2]), p.cols * t.w));
+  f.y_end = static_cast<int>(min(static_cast<int64_t>(p.rects[i * 4 + 3]), p.rows * t.h));
   return f;
 }
 
 // The RGB bytes of frame pixel (u, v), or null where the pixel is white.
-__device__ const uint8_t* pixel_at(const TileRefs& t, const Frame& f, int64_t u, int64_t v) {
+__device__ const uint8_t* pixel_at(const TileRefs& t, const Frame& f, int u, int v) {
   if (u < 0 || v < 0 || u >= f.x_end || v >= f.y_end) return nullptr;
-  const int64_t r = v / t.h, c = u / t.w;
+  const int r = v / f.tile_h, c = u / f.tile_w;
   const int32_t idx = f.lut[r * f.cols + c];
   if (idx < 0 || idx >= t.n) return nullptr;
-  return t.stack + idx * t.sn + (v - r * t.h) * t.sy + (u - c * t.w) * t.sx;
+  return t.stack + idx * t.sn + static_cast<int64_t>(v - r * f.tile_h) * t.sy +
+         static_cast<int64_t>(u - c * f.tile_w) * t.sx;
 }
 
 // Adds this warp's background count to the patch's counter; every thread of the block calls it.
@@ -122,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int idx = threadIdx.x; idx < nrows * s; idx += blockDim.x) {
     const int r = idx / s, xx = idx - r * s;
     const int32_t* k = hx.k + xx * hx.ksize;
-    const int64_t v = f.y0 + ys0 + r, u0 = f.x0 + hx.first[xx];
+    const int v = f.y0 + ys0 + r, u0 = f.x0 + hx.first[xx];
     int32_t acc[3] = {rs::kHalf, rs::kHalf, rs::kHalf};
     for (int tap = 0; tap < hx.count[xx]; ++tap) {
       const uint8_t* px = pixel_at(t, f, u0 + tap, v);

@@ -97,6 +97,8 @@ void gather(const py::handle& tiles_obj, const py::handle& lut_obj, const py::ha
   if (!lut.c_contiguous() || !rects.c_contiguous() || rects.shape[0] != n || rects.shape[1] != 4)
     throw py::value_error("lut and rects: expected C-contiguous int32 [N, rows, cols] and [N, 4], got " +
                           lut.describe() + " and " + rects.describe());
+  if (lut.shape[1] * tile_height >= (int64_t{1} << 31) || lut.shape[2] * tile_width >= (int64_t{1} << 31))
+    throw py::value_error("lut: a patch frame of " + lut.describe() + " tiles is too large");
   const OutDType dtype = out_dtype_of(dst, "out");
   if (dst.readonly) throw py::value_error("out: array is read-only");
   if (dst.shape.size() != 4 || dst.shape[0] != n || dst.shape[1] != 3 || dst.shape[2] != dst.shape[3] ||
