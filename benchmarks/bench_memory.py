@@ -24,10 +24,12 @@ QUICK_MANY, QUICK_FEW = 40, 4
 REPEATS = 3  # RSS is nearly deterministic, and each 200-slide run takes minutes
 
 
-def extract_command(slides: Sequence[Path], out: Path, choice: model_choice.ModelChoice, device: str) -> list[str]:
+def extract_command(slides: Sequence[Path], out: Path, choice: model_choice.ModelChoice, device: str,
+                    threads: int) -> list[str]:
     """The user's command line: ``gpfm-engine extract SLIDES --out DIR`` with the benchmark model."""
     cmd = [sys.executable, "-m", "gpfm_engine.cli", "extract", *map(str, slides), "--out", str(out),
-           "--model", choice.name, "--device", device, "--backend", "torch", "--quiet"]
+           "--model", choice.name, "--device", device, "--backend", "torch", "--precision", "fp32",
+           "--workers", str(threads), "--quiet"]
     if choice.weights is not None:
         cmd += ["--weights", str(choice.weights)]
     return cmd
@@ -77,7 +79,7 @@ def run(ctx: BenchContext) -> list[Result]:
     for _ in range(1 if ctx.quick else REPEATS):
         for n in (many, few):
             with tempfile.TemporaryDirectory(prefix="gpfm-bench-mem-") as out:
-                mib, s = peak_rss_mib(extract_command(slides[:n], Path(out), choice, ctx.device))
+                mib, s = peak_rss_mib(extract_command(slides[:n], Path(out), choice, ctx.device, ctx.threads))
             rss[n].append(mib)
             secs[n].append(s)
     return [Comparison(

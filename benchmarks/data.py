@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LARGE = (32000, 24000)
 QUICK_LARGE = (8000, 6000)          # --quick: a smoke run of the whole suite in a few minutes
 MEDIUM = (12000, 9000)              # end-to-end: every tissue patch goes through the model
-SMALL = (1024, 768)                 # memory: many slides, a dozen 256 px (128 um at 0.5 um/px) patches each
+SMALL = (1024, 768)                 # memory: many slides, 0-12 (about 6) 256 px patches (128 um at 0.5 um/px)
 SMALL_MPP = 0.5
+SMALL_COVERAGE = 0.95               # a 0.5 x 0.4 mm slide is smaller than a tissue island: raise the coverage
 REAL_MAX_MPP = 2.0                  # real slides coarser than this have no 128 um patches worth timing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +96,10 @@ def medium_slide() -> Path:
 
 def small_slides(n: int) -> list[Path]:
     """``n`` distinct small slides (different seeds) in one folder, for the memory benchmark."""
-    folder = cache_dir() / f"small-{SMALL[0]}x{SMALL[1]}-mpp{SMALL_MPP}"
+    folder = cache_dir() / f"small-{SMALL[0]}x{SMALL[1]}-mpp{SMALL_MPP}-cov{SMALL_COVERAGE}"
     folder.mkdir(exist_ok=True)
-    return [cached_slide(f"{folder.name}/s{i:03d}.svs", size=SMALL, mpp=SMALL_MPP, objective=20.0, seed=100 + i)
-            for i in range(n)]
+    return [cached_slide(f"{folder.name}/s{i:03d}.svs", size=SMALL, mpp=SMALL_MPP, objective=20.0, seed=100 + i,
+                         coverage=SMALL_COVERAGE) for i in range(n)]
 
 
 def shared_data_dir() -> Path | None:
