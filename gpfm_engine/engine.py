@@ -328,7 +328,7 @@ def _as_uint8_batches(images: Any) -> list[tuple[np.ndarray, torch.Tensor]]:
     groups: dict[tuple[int, int, str], list[tuple[int, torch.Tensor]]] = {}
     for i, im in enumerate(images):
         if isinstance(im, Image.Image):
-            im = np.asarray(_composite_rgb(im))
+            im = np.array(_composite_rgb(im))
         ((_, t),) = _as_uint8_batches(im)
         if len(t) != 1:
             raise GpfmError("embed_tiles: a sequence must hold single [H, W, 3] images")

@@ -165,6 +165,12 @@ def try_lock(path: Path, stale_after_s: float = STALE_AFTER_S) -> SlideLock | No
     return None
 
 
+def clear_stale(path: Path, stale_after_s: float = STALE_AFTER_S) -> None:
+    """Remove the lock at ``path`` if its owner is gone (e.g. killed after finishing its slide)."""
+    if path.exists() and is_stale(path, stale_after_s):
+        _break_stale(path, stale_after_s)
+
+
 def holder(path: Path) -> LockOwner | None:
     """Who holds the lock at ``path`` now (for messages)."""
     return read_owner(path)

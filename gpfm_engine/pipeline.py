@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from gpfm_engine import locks
 from gpfm_engine.cuda_stream import on_engine_stream, to_host_async
 from gpfm_engine.errors import GpfmError, TileDecodeError
 from gpfm_engine.runlog import SlideRecord, Status
@@ -425,13 +426,12 @@ class Extraction:
         recipe = self.engine.recipe(job.input.mpp)
         decision = self.store.decide(job.name, recipe, self.options.overwrite)
         if decision.action is Action.SKIP:
+            locks.clear_stale(self.store.paths(job.name).lock)  # left by a process killed after its commit
             return record(Status.SKIPPED, patches=self._existing_rows(job.name), detail=decision.reason)
         if decision.action is Action.REFUSE:
             return record(Status.REFUSED, error=decision.reason)
         lock = self.store.lock(job.name)
         if lock is None:
-            from gpfm_engine import locks
-
             owner = locks.holder(self.store.paths(job.name).lock)
             return record(Status.BUSY, detail=f"locked by {owner.describe() if owner else 'another process'}")
         slide = None

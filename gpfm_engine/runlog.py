@@ -2,7 +2,9 @@
 
 One row per output name: source path, status, patches, seconds, tiles skipped, the error line (for
 failures), host/pid and finish time; plus totals over the rows and a short record of the latest
-run. Several processes may share a folder, so every update re-reads the file and merges this
+run (with its own counts). A row says the slide's latest real outcome: a later run that skipped it
+(already done) or found it busy (another process on it) does not replace the row of the run that
+computed it. Several processes may share a folder, so every update re-reads the file and merges this
 process's rows under a short lock, then replaces the file atomically.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Status(str, enum.Enum):
 
 
 FAILURE_STATUSES = frozenset({Status.FAILED, Status.REFUSED})
+# Outcomes that say nothing new about a slide another run computed: they never replace its row.
+_INFORMATIONAL = frozenset({Status.SKIPPED, Status.BUSY})
 
 
 @dataclass
@@ -90,8 +94,13 @@ class RunLog:
             data = self._read()
             rows = data.get("slides", {})
             for r in self.records:
+                if r.status in _INFORMATIONAL and rows.get(r.name, {}).get("status") == Status.DONE.value:
+                    continue  # keep the record of the run that computed the slide
                 rows[r.name] = r.to_json()
-            info = dict(self.run_info, slides=len(self.records))
+            this_run = {s.value: 0 for s in Status}
+            for r in self.records:
+                this_run[r.status.value] += 1
+            info = dict(self.run_info, slides=len(self.records), counts=this_run)
             if finished:
                 info["finished"] = time.time()
             data.update(slides=rows, totals=totals(rows), last_run=info)

@@ -10,10 +10,10 @@ import tifffile
 
 from _model_utils import randomize
 
-TINY = "gpfm-tiny"
+MODEL = "gpfm-tiny"
 
 
-def write_random_weights(path: Path, name: str = TINY, seed: int = 0) -> Path:
+def write_random_weights(path: Path, name: str = MODEL, seed: int = 0) -> Path:
     """Weights of a registered model with values that matter (see ``_model_utils.randomize``)."""
     from safetensors.torch import save_file
 
@@ -30,8 +30,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_weights(tmp_path_factory.mktemp("weights") / "gpfm-tiny-random.safetensors")
 
 
-# Small slides: at 0.5 µm/px a 128 µm patch is 256 px, so a 1500 x 1100 slide has a dozen patches.
+# Small slides: at 0.5 µm/px a 128 µm patch is 256 px, so a 1500 x 1100 slide has about 17 patches
+# (more than two batches of 8) and a TINY one about 8.
 SMALL = dict(size=(1500, 1100), mpp=0.5, tile=240)
+TINY = dict(size=(1000, 780), mpp=0.5, tile=240, coverage=0.7)
 
 
 def corrupt_tile(path: Path, level_page: int = 0, tile: int = 0) -> None:
