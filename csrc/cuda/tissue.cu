@@ -1,5 +1,6 @@
 // CUDA launchers of the tissue-mask steps: the same per-row and per-pixel functions as the CPU
 // launchers (gpfm/tissue.h), one thread per pixel, row or column, enqueued on the caller's stream.
+// Thumbnails are a few megapixels: one thread per row is plenty and keeps the code the CPU's.
 // Scratch memory comes from the stream-ordered allocator, so nothing here synchronises.
 #include <cuda_runtime.h>
 
@@ -38,20 +39,27 @@ struct Scratch {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
-__global__ void score_kernel(TissueImage src, uint8_t* dst, int dark_threshold) {
+__global__ void score_kernel(TissueImage src, uint8_t* dst, int dark_threshold, SaturationTable table) {
   const int64_t n = src.h * src.w;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t y = i / src.w, x = i % src.w;
-    dst[i] = score_pixel(src.data + y * src.sy + x * src.sx, static_cast<int>(src.channels), dark_threshold);
+    dst[i] = score_pixel(src.data + y * src.sy + x * src.sx, static_cast<int>(src.channels), dark_threshold, table);
   }
+}
+
+template <int K>
+__global__ void median_network_kernel(const uint8_t* src, uint8_t* dst, int h, int w) {
+  const int64_t n = static_cast<int64_t>(h) * w;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = median_pixel<K>(src, w, h, w, static_cast<int>(i % w), static_cast<int>(i / w));
 }
 
 __global__ void median_kernel(const uint8_t* src, uint8_t* dst, int h, int w, int k) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y >= h) return;
-  int hist[256];
-  median_row(src, w, h, w, k, y, dst + static_cast<int64_t>(y) * w, hist);
+  median_row(src, w, h, w, k, y, dst + static_cast<int64_t>(y) * w);
 }
 
 __global__ void histogram_kernel(const uint8_t* src, int64_t n, int64_t* hist) {
@@ -71,11 +79,14 @@ __global__ void level_kernel(const int64_t* hist, int fixed_threshold, int min_t
   *level = choose_threshold(otsu, fixed_threshold, min_threshold);
 }
 
-__global__ void binarize_kernel(const uint8_t* src, uint8_t* dst, int64_t n, const int32_t* level) {
-  const int t = *level;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[i] = binarize(src[i], t);
+__global__ void pack_kernel(const uint8_t* src, int h, int w, const int32_t* level, int fixed_level, uint64_t* bits) {
+  const int y = blockIdx.x * blockDim.x + threadIdx.x;
+  if (y < h) pack_row(src + static_cast<int64_t>(y) * w, w, level ? *level : fixed_level, bits + static_cast<int64_t>(y) * words_for(w));
+}
+
+__global__ void unpack_kernel(const uint64_t* bits, int h, int w, uint8_t* dst) {
+  const int y = blockIdx.x * blockDim.x + threadIdx.x;
+  if (y < h) unpack_row(bits + static_cast<int64_t>(y) * words_for(w), w, dst + static_cast<int64_t>(y) * w);
 }
 
 __global__ void prefix_kernel(const uint8_t* src, int h, int w, int32_t* prefix, int64_t pstride) {
@@ -83,39 +94,33 @@ __global__ void prefix_kernel(const uint8_t* src, int h, int w, int32_t* prefix,
   if (y < h) row_prefix(src + static_cast<int64_t>(y) * w, w, prefix + y * pstride);
 }
 
-__global__ void morph_kernel(const int32_t* prefix, int64_t pstride, int h, int w, int k, bool erode, uint8_t* dst) {
-  extern __shared__ int halfw[];
+// One thread per output row; `tmp` gives each row its own packed scratch row.
+__global__ void morph_kernel(const uint64_t* src, int h, int w, int k, bool erode, uint64_t* dst, uint64_t* tmp) {
+  int halfw[kMaxKernel];
   const int r = k / 2;
-  for (int i = threadIdx.x; i < k; i += blockDim.x) halfw[i] = ellipse_halfwidth(k, i - r);
-  __syncthreads();
-  const int64_t n = static_cast<int64_t>(h) * w;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[i] = morph_pixel(prefix, pstride, h, w, static_cast<int>(i % w), static_cast<int>(i / w), halfw, r, erode);
-}
-
-__global__ void copy01_kernel(const uint8_t* src, uint8_t* dst, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[i] = src[i] != 0;
+  for (int i = 0; i < k; ++i) halfw[i] = ellipse_halfwidth(k, i - r);
+  const int y = blockIdx.x * blockDim.x + threadIdx.x;
+  if (y >= h) return;
+  const int64_t nw = words_for(w);
+  morph_row(src, nw, h, w, y, halfw, r, erode, dst + y * nw, tmp + y * nw);
 }
 
 // Run-length labelling, one thread per row; row_begin[h] (the run count) stays on the device.
-__global__ void count_runs_kernel(const uint8_t* src, int h, int w, uint8_t color, int32_t* row_begin) {
+__global__ void count_runs_kernel(const uint64_t* src, int h, int w, uint8_t color, int32_t* row_begin) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y == 0) row_begin[0] = 0;
-  if (y < h) row_begin[y + 1] = count_runs(src + static_cast<int64_t>(y) * w, w, color);
+  if (y < h) row_begin[y + 1] = count_runs(src + static_cast<int64_t>(y) * words_for(w), w, color);
 }
 
 __global__ void scan_rows_kernel(int32_t* row_begin, int h) {
   for (int y = 0; y < h; ++y) row_begin[y + 1] += row_begin[y];
 }
 
-__global__ void fill_runs_kernel(const uint8_t* src, int h, int w, uint8_t color, const int32_t* row_begin,
+__global__ void fill_runs_kernel(const uint64_t* src, int h, int w, uint8_t color, const int32_t* row_begin,
                                  int32_t* start, int32_t* end, int32_t* parent, int32_t* area, int32_t* border) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y >= h) return;
-  fill_runs(src + static_cast<int64_t>(y) * w, w, color, start + row_begin[y], end + row_begin[y]);
+  fill_runs(src + static_cast<int64_t>(y) * words_for(w), w, color, start + row_begin[y], end + row_begin[y]);
   for (int32_t i = row_begin[y]; i < row_begin[y + 1]; ++i) {
     parent[i] = i;
     area[i] = 0;
@@ -137,12 +142,12 @@ __global__ void accumulate_kernel(const int32_t* row_begin, const int32_t* paren
   for (int32_t i = row_begin[y]; i < row_begin[y + 1]; ++i) accumulate_run(parent, start, end, i, y, h, w, label, area, border);
 }
 
-__global__ void paint_kernel(const uint8_t* src, uint8_t* dst, int h, int w, uint8_t color, const int32_t* row_begin,
+__global__ void paint_kernel(const uint64_t* src, uint64_t* dst, int h, int w, uint8_t color, const int32_t* row_begin,
                              const int32_t* start, const int32_t* end, const int32_t* label, const int32_t* area,
                              const int32_t* border, int64_t min_area) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y >= h) return;
-  const int64_t off = static_cast<int64_t>(y) * w;
+  const int64_t off = static_cast<int64_t>(y) * words_for(w);
   paint_row(src + off, dst + off, w, color, start, end, label, area, border, row_begin[y], row_begin[y + 1], min_area);
 }
 
@@ -153,33 +158,44 @@ __global__ void accumulate_columns_kernel(int32_t* sat, int64_t stride, int h) {
 
 // ---- steps -------------------------------------------------------------------------------------
 
-cudaError_t morph_once(const uint8_t* src, uint8_t* dst, int h, int w, int k, bool erode, cudaStream_t s) {
-  const int64_t pstride = static_cast<int64_t>(w) + 1;
-  Scratch<int32_t> prefix(s);
-  GPFM_CUDA_TRY(prefix.alloc(h * pstride));
-  prefix_kernel<<<blocks_for(h), kThreads, 0, s>>>(src, h, w, prefix.ptr, pstride);
-  morph_kernel<<<blocks_for(static_cast<int64_t>(h) * w), kThreads, k * sizeof(int), s>>>(prefix.ptr, pstride, h, w, k,
-                                                                                          erode, dst);
+SaturationTable saturation_table() {
+  SaturationTable t{};
+  for (int v = 0; v < 256; ++v) t.div[v] = saturation_divisor(v);
+  return t;
+}
+
+int64_t packed_words(int h, int w) { return static_cast<int64_t>(h) * words_for(w); }
+
+cudaError_t pack(const uint8_t* src, int h, int w, const int32_t* level, uint64_t* bits, cudaStream_t s) {
+  pack_kernel<<<blocks_for(h), kThreads, 0, s>>>(src, h, w, level, 0, bits);
   return cudaGetLastError();
 }
 
-cudaError_t morphology(const uint8_t* src, uint8_t* dst, int h, int w, MorphOp op, int k, cudaStream_t s) {
-  if (op == MorphOp::Dilate || op == MorphOp::Erode) return morph_once(src, dst, h, w, k, op == MorphOp::Erode, s);
-  Scratch<uint8_t> mid(s);
-  GPFM_CUDA_TRY(mid.alloc(static_cast<int64_t>(h) * w));
-  const bool close = op == MorphOp::Close;
-  GPFM_CUDA_TRY(morph_once(src, mid.ptr, h, w, k, !close, s));
-  return morph_once(mid.ptr, dst, h, w, k, close, s);
+cudaError_t unpack(const uint64_t* bits, int h, int w, uint8_t* dst, cudaStream_t s) {
+  unpack_kernel<<<blocks_for(h), kThreads, 0, s>>>(bits, h, w, dst);
+  return cudaGetLastError();
+}
+
+cudaError_t morph_once(const uint64_t* src, uint64_t* dst, int h, int w, int k, bool erode, cudaStream_t s) {
+  Scratch<uint64_t> tmp(s);
+  GPFM_CUDA_TRY(tmp.alloc(packed_words(h, w)));
+  // halfw lives in local memory: small blocks
+  constexpr int threads = 64;
+  morph_kernel<<<blocks_for(h, threads), threads, 0, s>>>(src, h, w, k, erode, dst, tmp.ptr);
+  return cudaGetLastError();
+}
+
+// Close (dilate, erode) or open (erode, dilate) packed `bits` in place; `scratch` is its size.
+cudaError_t close_or_open(uint64_t* bits, uint64_t* scratch, int h, int w, int k, bool close, cudaStream_t s) {
+  GPFM_CUDA_TRY(morph_once(bits, scratch, h, w, k, !close, s));
+  return morph_once(scratch, bits, h, w, k, close, s);
 }
 
 // Buffers are sized for the most runs a row can hold, since the actual count stays on the device.
-cudaError_t component_pass(const uint8_t* src, uint8_t* dst, int h, int w, uint8_t color, bool conn8,
+cudaError_t component_pass(const uint64_t* src, uint64_t* dst, int h, int w, uint8_t color, bool conn8,
                            int64_t min_area, cudaStream_t s) {
-  const int64_t n = static_cast<int64_t>(h) * w;
-  if (min_area <= 0) {
-    copy01_kernel<<<blocks_for(n), kThreads, 0, s>>>(src, dst, n);
-    return cudaGetLastError();
-  }
+  if (min_area <= 0)
+    return cudaMemcpyAsync(dst, src, sizeof(uint64_t) * packed_words(h, w), cudaMemcpyDeviceToDevice, s);
   const int64_t max_runs = static_cast<int64_t>(h) * ((w + 1) / 2);
   Scratch<int32_t> row_begin(s), start(s), end(s), parent(s), label(s), area(s), border(s);
   GPFM_CUDA_TRY(row_begin.alloc(h + 1));
@@ -197,12 +213,11 @@ cudaError_t component_pass(const uint8_t* src, uint8_t* dst, int h, int w, uint8
   return cudaGetLastError();
 }
 
-cudaError_t filter_components(const uint8_t* src, uint8_t* dst, int h, int w, int64_t min_tissue_px,
-                              int64_t min_hole_px, cudaStream_t s) {
-  Scratch<uint8_t> mid(s);
-  GPFM_CUDA_TRY(mid.alloc(static_cast<int64_t>(h) * w));
-  GPFM_CUDA_TRY(component_pass(src, mid.ptr, h, w, 1, true, min_tissue_px, s));
-  return component_pass(mid.ptr, dst, h, w, 0, false, min_hole_px, s);
+// Drop small tissue, then fill small holes, packed `bits` in place; `scratch` is its size.
+cudaError_t filter_packed(uint64_t* bits, uint64_t* scratch, int h, int w, int64_t min_tissue_px, int64_t min_hole_px,
+                          cudaStream_t s) {
+  GPFM_CUDA_TRY(component_pass(bits, scratch, h, w, 1, true, min_tissue_px, s));
+  return component_pass(scratch, bits, h, w, 0, false, min_hole_px, s);
 }
 
 cudaError_t integral_image(const uint8_t* mask, int32_t* sat, int h, int w, cudaStream_t s) {
@@ -221,6 +236,13 @@ cudaError_t histogram(const uint8_t* src, int64_t n, int64_t* hist, cudaStream_t
 
 cudaError_t median(const uint8_t* src, uint8_t* dst, int h, int w, int k, cudaStream_t s) {
   if (k <= 1) return cudaMemcpyAsync(dst, src, static_cast<size_t>(h) * w, cudaMemcpyDeviceToDevice, s);
+  const unsigned pixels = blocks_for(static_cast<int64_t>(h) * w);
+  switch (k) {
+    case 3: median_network_kernel<3><<<pixels, kThreads, 0, s>>>(src, dst, h, w); return cudaGetLastError();
+    case 5: median_network_kernel<5><<<pixels, kThreads, 0, s>>>(src, dst, h, w); return cudaGetLastError();
+    case 7: median_network_kernel<7><<<pixels, kThreads, 0, s>>>(src, dst, h, w); return cudaGetLastError();
+    default: break;
+  }
   // a 1 KiB histogram per thread lives in local memory: small blocks keep more of them resident
   constexpr int threads = 64;
   median_kernel<<<blocks_for(h, threads), threads, 0, s>>>(src, dst, h, w, k);
@@ -230,7 +252,8 @@ cudaError_t median(const uint8_t* src, uint8_t* dst, int h, int w, int k, cudaSt
 }  // namespace
 
 int tissue_score_cuda(const TissueImage& src, uint8_t* dst, int dark_threshold, void* stream) {
-  score_kernel<<<blocks_for(src.h * src.w), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(src, dst, dark_threshold);
+  score_kernel<<<blocks_for(src.h * src.w), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(src, dst, dark_threshold,
+                                                                                             saturation_table());
   return cudaGetLastError();
 }
 
@@ -242,14 +265,32 @@ int histogram256_cuda(const uint8_t* src, int64_t n, int64_t* hist, void* stream
   return histogram(src, n, hist, static_cast<cudaStream_t>(stream));
 }
 
-int morphology_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k, void* stream) {
-  return morphology(src, dst, static_cast<int>(h), static_cast<int>(w), op, k, static_cast<cudaStream_t>(stream));
+int morphology_cuda(const uint8_t* src, uint8_t* dst, int64_t h64, int64_t w64, MorphOp op, int k, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int h = static_cast<int>(h64), w = static_cast<int>(w64);
+  Scratch<uint64_t> bits(s), scratch(s);
+  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(pack(src, h, w, nullptr, bits.ptr, s));
+  if (op == MorphOp::Dilate || op == MorphOp::Erode) {
+    GPFM_CUDA_TRY(morph_once(bits.ptr, scratch.ptr, h, w, k, op == MorphOp::Erode, s));
+    std::swap(bits.ptr, scratch.ptr);
+  } else {
+    GPFM_CUDA_TRY(close_or_open(bits.ptr, scratch.ptr, h, w, k, op == MorphOp::Close, s));
+  }
+  return unpack(bits.ptr, h, w, dst, s);
 }
 
-int filter_components_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int64_t min_tissue_px,
+int filter_components_cuda(const uint8_t* src, uint8_t* dst, int64_t h64, int64_t w64, int64_t min_tissue_px,
                            int64_t min_hole_px, void* stream) {
-  return filter_components(src, dst, static_cast<int>(h), static_cast<int>(w), min_tissue_px, min_hole_px,
-                           static_cast<cudaStream_t>(stream));
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int h = static_cast<int>(h64), w = static_cast<int>(w64);
+  Scratch<uint64_t> bits(s), scratch(s);
+  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(pack(src, h, w, nullptr, bits.ptr, s));
+  GPFM_CUDA_TRY(filter_packed(bits.ptr, scratch.ptr, h, w, min_tissue_px, min_hole_px, s));
+  return unpack(bits.ptr, h, w, dst, s);
 }
 
 int integral_image_cuda(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w, void* stream) {
@@ -261,26 +302,23 @@ int segment_tissue_cuda(const TissueImage& src, const MaskParams& p, uint8_t* ma
   const auto s = static_cast<cudaStream_t>(stream);
   const int h = static_cast<int>(src.h), w = static_cast<int>(src.w);
   const int64_t n = src.h * src.w;
-  Scratch<uint8_t> a(s), b(s);
+  Scratch<uint8_t> score(s);
   Scratch<int64_t> hist(s);
-  GPFM_CUDA_TRY(a.alloc(n));
-  GPFM_CUDA_TRY(b.alloc(n));
+  Scratch<uint64_t> bits(s), scratch(s);
+  GPFM_CUDA_TRY(score.alloc(n));
   GPFM_CUDA_TRY(hist.alloc(256));
-  GPFM_CUDA_TRY(static_cast<cudaError_t>(tissue_score_cuda(src, a.ptr, p.dark_threshold, stream)));
-  GPFM_CUDA_TRY(median(a.ptr, b.ptr, h, w, p.median_k, s));
-  if (p.fixed_threshold < 0) GPFM_CUDA_TRY(histogram(b.ptr, n, hist.ptr, s));
+  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(static_cast<cudaError_t>(tissue_score_cuda(src, score.ptr, p.dark_threshold, stream)));
+  GPFM_CUDA_TRY(median(score.ptr, mask, h, w, p.median_k, s));  // mask holds the median
+  if (p.fixed_threshold < 0) GPFM_CUDA_TRY(histogram(mask, n, hist.ptr, s));
   level_kernel<<<1, 1, 0, s>>>(hist.ptr, p.fixed_threshold, p.min_threshold, level);
-  binarize_kernel<<<blocks_for(n), kThreads, 0, s>>>(b.ptr, a.ptr, n, level);
   GPFM_CUDA_TRY(cudaGetLastError());
-  if (p.close_k > 1) {
-    GPFM_CUDA_TRY(morphology(a.ptr, b.ptr, h, w, MorphOp::Close, p.close_k, s));
-    std::swap(a.ptr, b.ptr);
-  }
-  if (p.open_k > 1) {
-    GPFM_CUDA_TRY(morphology(a.ptr, b.ptr, h, w, MorphOp::Open, p.open_k, s));
-    std::swap(a.ptr, b.ptr);
-  }
-  GPFM_CUDA_TRY(filter_components(a.ptr, mask, h, w, p.min_tissue_px, p.min_hole_px, s));
+  GPFM_CUDA_TRY(pack(mask, h, w, level, bits.ptr, s));
+  if (p.close_k > 1) GPFM_CUDA_TRY(close_or_open(bits.ptr, scratch.ptr, h, w, p.close_k, true, s));
+  if (p.open_k > 1) GPFM_CUDA_TRY(close_or_open(bits.ptr, scratch.ptr, h, w, p.open_k, false, s));
+  GPFM_CUDA_TRY(filter_packed(bits.ptr, scratch.ptr, h, w, p.min_tissue_px, p.min_hole_px, s));
+  GPFM_CUDA_TRY(unpack(bits.ptr, h, w, mask, s));
   return integral_image(mask, sat, h, w, s);
 }
 

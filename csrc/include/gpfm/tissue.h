@@ -4,16 +4,20 @@
 //
 // Steps (all on a thumbnail of a few megapixels at most, indices fit in int32):
 //   score      RGB(A) -> OpenCV's 8-bit HSV saturation, 0 where the pixel is dark (pen, borders)
-//   median     exact k x k median, borders replicated (cv::medianBlur)
+//   median     exact k x k median, borders replicated (cv::medianBlur): selection networks built
+//              at compile time for k = 3, 5, 7 (vectorizable), a sliding histogram otherwise
 //   threshold  Otsu from a 256-bin histogram, OpenCV's double arithmetic (cv::THRESH_OTSU)
-//   morphology binary dilate/erode with cv::getStructuringElement(MORPH_ELLIPSE), outside ignored
-//   components run-length union-find: drop small tissue (8-connected), fill small holes
-//              (4-connected background not touching the border)
+//   binarize   median > level, packed 64 pixels per word for the binary steps
+//   morphology binary dilate/erode with cv::getStructuringElement(MORPH_ELLIPSE), outside ignored,
+//              as unions of horizontally dilated packed rows (word-wide shifts)
+//   components run-length union-find on the packed rows: drop small tissue (8-connected), fill
+//              small holes (4-connected background not touching the border)
 //   integral   summed-area table of the 0/1 mask
 #pragma once
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "gpfm/hd.h"
 
@@ -22,6 +26,22 @@ namespace gpfm::tissue {
 GPFM_HD int imin(int a, int b) { return a < b ? a : b; }
 GPFM_HD int imax(int a, int b) { return a > b ? a : b; }
 GPFM_HD int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+GPFM_HD int popcount64(uint64_t v) {
+#if defined(__CUDA_ARCH__)
+  return __popcll(v);
+#else
+  return __builtin_popcountll(v);
+#endif
+}
+
+GPFM_HD int ctz64(uint64_t v) {  // v != 0
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(v)) - 1;
+#else
+  return __builtin_ctzll(v);
+#endif
+}
 
 // ---- atomics: device atomics on the GPU, GCC builtins on the CPU threads ------------------------
 
@@ -89,25 +109,29 @@ GPFM_HD double div_rn(double a, double b) {
 // Straight (non-premultiplied) alpha composited onto white, as a slide viewer shows empty areas.
 GPFM_HD int over_white(int c, int a) { return (c * a + 255 * (255 - a) + 127) / 255; }
 
-// cv::cvtColor(RGB2HSV) saturation for 8-bit input, bit for bit: OpenCV divides by V through a
-// 12-bit fixed-point table round(255 * 2^12 / V) (which never ties for V <= 255).
-GPFM_HD int saturation_u8(int r, int g, int b) {
-  const int v = imax(r, imax(g, b));
-  if (v == 0) return 0;
-  const int m = imin(r, imin(g, b));
-  const int sdiv = (2 * (255 << 12) + v) / (2 * v);
-  return ((v - m) * sdiv + (1 << 11)) >> 12;
+// OpenCV's 8-bit RGB->HSV saturation divides by V through a 12-bit fixed-point table,
+// round(255 * 2^12 / V) (never a tie for V <= 255). Launchers fill one table per call.
+struct SaturationTable {
+  int32_t div[256];
+};
+
+GPFM_HD int32_t saturation_divisor(int v) { return v == 0 ? 0 : (2 * (255 << 12) + v) / (2 * v); }
+
+// cv::cvtColor(RGB2HSV) saturation for 8-bit input, bit for bit.
+GPFM_HD int saturation_u8(int r, int g, int b, const SaturationTable& t) {
+  const int v = imax(r, imax(g, b)), m = imin(r, imin(g, b));
+  return ((v - m) * t.div[v] + (1 << 11)) >> 12;
 }
 
 // Saturation, forced to 0 where the brightest channel is below `dark_threshold`: black borders,
 // dark pen and scanner debris are saturated but never tissue on a brightfield slide.
-GPFM_HD uint8_t tissue_score(int r, int g, int b, int dark_threshold) {
+GPFM_HD uint8_t tissue_score(int r, int g, int b, int dark_threshold, const SaturationTable& t) {
   if (imax(r, imax(g, b)) < dark_threshold) return 0;
-  return static_cast<uint8_t>(saturation_u8(r, g, b));
+  return static_cast<uint8_t>(saturation_u8(r, g, b, t));
 }
 
 // One pixel of an RGB (channels == 3) or RGBA (channels == 4) image; channels are packed.
-GPFM_HD uint8_t score_pixel(const uint8_t* px, int channels, int dark_threshold) {
+GPFM_HD uint8_t score_pixel(const uint8_t* px, int channels, int dark_threshold, const SaturationTable& t) {
   int r = px[0], g = px[1], b = px[2];
   if (channels == 4) {
     const int a = px[3];
@@ -115,41 +139,202 @@ GPFM_HD uint8_t score_pixel(const uint8_t* px, int channels, int dark_threshold)
     g = over_white(g, a);
     b = over_white(b, a);
   }
-  return tissue_score(r, g, b, dark_threshold);
+  return tissue_score(r, g, b, dark_threshold, t);
 }
 
 // ---- median ------------------------------------------------------------------------------------
 
-// Moves the window's column x (rows y-r..y+r, replicated) into (delta=+1) or out of (-1) the
-// histogram, keeping `below` = number of window values smaller than the running median `m`.
-GPFM_HD void median_column(const uint8_t* src, int64_t stride, int h, int y, int r, int x, int delta, int m, int* hist,
-                           int* below) {
-  for (int dy = -r; dy <= r; ++dy) {
-    const int v = src[static_cast<int64_t>(clampi(y + dy, 0, h - 1)) * stride + x];
-    hist[v] += delta;
-    if (v < m) *below += delta;
-  }
-}
+constexpr int kMaxKernel = 255;  // largest odd median / structuring-element size
 
-// Exact median of every k x k window (k odd) centred on row y, borders replicated, written to
-// out[0..w). Huang's sliding histogram: O(k) per pixel. `hist` is 256 ints of the caller's scratch.
-GPFM_HD void median_row(const uint8_t* src, int64_t stride, int h, int w, int k, int y, uint8_t* out, int* hist) {
+// Exact median of every k x k window (k odd, <= kMaxKernel) centred on row y, borders replicated,
+// written to out[0..w). Huang's sliding histogram: per pixel one window column leaves and one
+// enters (O(k)), and the running median moves by the few levels the counts demand.
+GPFM_HD void median_row(const uint8_t* src, int64_t stride, int h, int w, int k, int y, uint8_t* out) {
   const int r = k / 2, half = (k * k) / 2;
+  const uint8_t* rows[kMaxKernel];
+  for (int i = 0; i < k; ++i) rows[i] = src + static_cast<int64_t>(clampi(y - r + i, 0, h - 1)) * stride;
+  int hist[256];
   for (int i = 0; i < 256; ++i) hist[i] = 0;
-  int m = 0, below = 0;
-  for (int dx = -r; dx <= r; ++dx) median_column(src, stride, h, y, r, clampi(dx, 0, w - 1), +1, m, hist, &below);
-  for (int x = 0; x < w; ++x) {
-    if (x > 0) {
-      const int gone = clampi(x - r - 1, 0, w - 1), come = clampi(x + r, 0, w - 1);
-      if (gone != come) {
-        median_column(src, stride, h, y, r, gone, -1, m, hist, &below);
-        median_column(src, stride, h, y, r, come, +1, m, hist, &below);
+  for (int dx = -r; dx <= r; ++dx) {
+    const int x = clampi(dx, 0, w - 1);
+    for (int i = 0; i < k; ++i) ++hist[rows[i][x]];
+  }
+  int m = 0, below = 0;  // below = number of window values < m
+  while (below + hist[m] <= half) below += hist[m++];
+  out[0] = static_cast<uint8_t>(m);
+  for (int x = 1; x < w; ++x) {
+    const int gone = imax(x - r - 1, 0), come = imin(x + r, w - 1);
+    if (gone != come) {
+      int shift = 0;
+      for (int i = 0; i < k; ++i) {
+        const int vo = rows[i][gone], vi = rows[i][come];
+        --hist[vo];
+        ++hist[vi];
+        shift += (vi < m) - (vo < m);
       }
+      below += shift;
     }
     while (below > half) below -= hist[--m];
     while (below + hist[m] <= half) below += hist[m++];
     out[x] = static_cast<uint8_t>(m);
   }
+}
+
+// Selection networks for small k, generated at compile time. A window's k columns are sorted
+// first (a column is shared by k neighbouring windows, so the CPU sorts each once per row), then a
+// network selects the median of the k sorted columns: Batcher's odd-even merge sort started at
+// the merge of the sorted columns, with comparisons against padding (+infinity) resolved while
+// building it and every comparison that cannot reach the median pruned. 3x3 needs 15 compares,
+// 5x5 88, 7x7 210. Being comparator networks, they run unchanged on SIMD vectors (CPU, 16 pixels
+// at a time) and on scalars (CUDA, one pixel per thread).
+namespace net {
+
+struct CompareOp {
+  int lo, hi, kind;  // values at slots lo, hi -> min to lo and max to hi (kind 0), only min (1), only max (2)
+};
+
+constexpr int kMaxWires = 64;
+constexpr int kMaxOps = 1024;
+
+struct Network {
+  CompareOp op[kMaxOps] = {};
+  int count = 0;
+  int out[kMaxWires] = {};  // slot holding the value of each output wire, -1 = +infinity
+};
+
+constexpr int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// Batcher's odd-even merge sort on n = block * block wires (n a power of two) whose blocks of
+// `sorted` consecutive wires are already sorted. Wire w holds a value when w % block < k and
+// w / block < k, else +infinity; values live in slots (their first wire) and a comparison with
+// +infinity only moves a value between wires, so it is not emitted.
+constexpr Network batcher(int n, int sorted, int k, int block) {
+  Network r{};
+  int slot[kMaxWires] = {};
+  for (int w = 0; w < n; ++w) slot[w] = (w % block < k && w / block < k) ? w : -1;
+  for (int p = sorted; p < n; p *= 2)
+    for (int d = p; d >= 1; d /= 2)
+      for (int j = d % p; j + d < n; j += 2 * d)
+        for (int i = 0; i < d && i + j + d < n; ++i) {
+          const int a = i + j, b = i + j + d;
+          if (a / (2 * p) != b / (2 * p) || slot[b] < 0) continue;
+          if (slot[a] < 0) {
+            slot[a] = slot[b];
+            slot[b] = -1;
+            continue;
+          }
+          r.op[r.count++] = CompareOp{slot[a], slot[b], 0};
+        }
+  for (int w = 0; w < n; ++w) r.out[w] = slot[w];
+  return r;
+}
+
+// Keeps only the comparisons that feed output wires [first, first + m), each reduced to the
+// one result that is used when the other is not.
+constexpr Network prune(const Network& in, int first, int m) {
+  bool need[kMaxWires] = {};
+  for (int w = first; w < first + m; ++w) need[in.out[w]] = true;
+  CompareOp kept[kMaxOps] = {};
+  int n = 0;
+  for (int i = in.count - 1; i >= 0; --i) {
+    const CompareOp o = in.op[i];
+    const bool lo = need[o.lo], hi = need[o.hi];
+    if (!lo && !hi) continue;
+    kept[n++] = CompareOp{o.lo, o.hi, lo && hi ? 0 : (lo ? 1 : 2)};
+    need[o.lo] = need[o.hi] = true;
+  }
+  Network r{};
+  r.count = n;
+  for (int i = 0; i < n; ++i) r.op[i] = kept[n - 1 - i];
+  for (int w = 0; w < kMaxWires; ++w) r.out[w] = in.out[w];
+  return r;
+}
+
+}  // namespace net
+
+template <int K>
+struct MedianNetwork {
+  static_assert(K == 3 || K == 5 || K == 7, "selection networks are built for k = 3, 5, 7");
+  static constexpr int P = net::pow2_at_least(K);  // a sorted column occupies P slots
+  static constexpr net::Network column = net::prune(net::batcher(P, 1, K, P), 0, K);
+  static constexpr net::Network select = net::prune(net::batcher(P * P, P, K, P), (K * K - 1) / 2, 1);
+};
+
+GPFM_HD constexpr bool has_median_network(int k) { return k == 3 || k == 5 || k == 7; }
+
+// min / max of one scalar pixel; the CPU supplies the same for 16-pixel vectors.
+struct ScalarMinMax {
+  GPFM_HD static uint8_t lo(uint8_t a, uint8_t b) { return a < b ? a : b; }
+  GPFM_HD static uint8_t hi(uint8_t a, uint8_t b) { return a < b ? b : a; }
+};
+
+// Network facts as constant expressions: device code may use them only as template arguments.
+template <int K, bool Column>
+constexpr net::CompareOp network_op(int i) {
+  return Column ? MedianNetwork<K>::column.op[i] : MedianNetwork<K>::select.op[i];
+}
+template <int K, bool Column>
+constexpr int network_size() {
+  return Column ? MedianNetwork<K>::column.count : MedianNetwork<K>::select.count;
+}
+template <int K>
+constexpr int column_rank_slot(int i) { return MedianNetwork<K>::column.out[i]; }
+template <int K>
+constexpr int median_slot() { return MedianNetwork<K>::select.out[(K * K - 1) / 2]; }
+
+template <int Slot, class T>
+GPFM_HD T pick(const T* v) { return v[Slot]; }
+
+template <class MinMax, class T, int Lo, int Hi, int Kind>
+GPFM_HD void compare_exchange(T* v) {
+  const T a = v[Lo], b = v[Hi];
+  if (Kind != 2) v[Lo] = MinMax::lo(a, b);
+  if (Kind != 1) v[Hi] = MinMax::hi(a, b);
+}
+
+template <int K, bool Column, class MinMax, class T, size_t... I>
+GPFM_HD void run_network(T* v, std::index_sequence<I...>) {
+  (compare_exchange<MinMax, T, network_op<K, Column>(I).lo, network_op<K, Column>(I).hi,
+                    network_op<K, Column>(I).kind>(v), ...);
+}
+
+template <int K, class T, size_t... I>
+GPFM_HD void gather_sorted(const T* v, T* sorted, std::index_sequence<I...>) {
+  ((sorted[I] = pick<column_rank_slot<K>(I)>(v)), ...);
+}
+
+// in[0..K) -> sorted[0..K) ascending.
+template <int K, class MinMax, class T>
+GPFM_HD void sort_column(const T* in, T* sorted) {
+  T v[MedianNetwork<K>::P];
+  for (int i = 0; i < K; ++i) v[i] = in[i];
+  run_network<K, true, MinMax>(v, std::make_index_sequence<network_size<K, true>()>());
+  gather_sorted<K>(v, sorted, std::make_index_sequence<K>());
+}
+
+// The median of K sorted columns, column c's rank i at v[c * P + i]; v is used as scratch.
+template <int K, class MinMax, class T>
+GPFM_HD T select_median(T* v) {
+  run_network<K, false, MinMax>(v, std::make_index_sequence<network_size<K, false>()>());
+  return pick<median_slot<K>()>(v);
+}
+
+// One output pixel through the networks (the CUDA path; the CPU shares sorted columns per row).
+template <int K>
+GPFM_HD uint8_t median_pixel(const uint8_t* src, int64_t stride, int h, int w, int x, int y) {
+  constexpr int P = MedianNetwork<K>::P, r = K / 2;
+  uint8_t v[P * P];
+  for (int c = 0; c < K; ++c) {
+    uint8_t column[K];
+    const int xx = clampi(x - r + c, 0, w - 1);
+    for (int i = 0; i < K; ++i) column[i] = src[static_cast<int64_t>(clampi(y - r + i, 0, h - 1)) * stride + xx];
+    sort_column<K, ScalarMinMax>(column, v + c * P);
+  }
+  return select_median<K, ScalarMinMax>(v);
 }
 
 // ---- threshold ---------------------------------------------------------------------------------
@@ -193,7 +378,31 @@ GPFM_HD int choose_threshold(int otsu, int fixed_threshold, int min_threshold) {
   return fixed_threshold >= 0 ? fixed_threshold : imax(otsu, min_threshold);
 }
 
-GPFM_HD uint8_t binarize(uint8_t v, int level) { return v > level ? 1 : 0; }
+// ---- packed binary rows ------------------------------------------------------------------------
+// A packed row holds pixel x in bit (x & 63) of word (x >> 6); bits past the width are 0.
+
+GPFM_HD int words_for(int w) { return (w + 63) >> 6; }
+GPFM_HD uint64_t tail_mask(int w) { return (w & 63) ? (~0ull >> (64 - (w & 63))) : ~0ull; }
+
+// bits = (row[x] > level) for x < w: thresholding the score (level 0 packs a 0/1 mask).
+GPFM_HD void pack_row(const uint8_t* row, int w, int level, uint64_t* bits) {
+  for (int i = 0, base = 0; base < w; ++i, base += 64) {
+    const int n = imin(64, w - base);
+    uint64_t word = 0;
+    for (int j = 0; j < n; ++j) word |= static_cast<uint64_t>(row[base + j] > level) << j;
+    bits[i] = word;
+  }
+}
+
+GPFM_HD void unpack_row(const uint64_t* bits, int w, uint8_t* row) {
+  for (int x = 0; x < w; ++x) row[x] = static_cast<uint8_t>((bits[x >> 6] >> (x & 63)) & 1u);
+}
+
+// The words of one colour: the row itself for 1, its complement (within the width) for 0.
+GPFM_HD uint64_t color_word(const uint64_t* bits, int i, int nw, uint64_t tail, uint8_t color) {
+  const uint64_t v = color ? bits[i] : ~bits[i];
+  return i == nw - 1 ? v & tail : v;
+}
 
 // ---- morphology --------------------------------------------------------------------------------
 
@@ -206,54 +415,96 @@ GPFM_HD int ellipse_halfwidth(int k, int dy) {
   return static_cast<int>(rint(r * sqrt((r * r - dy * dy) * inv_r2)));
 }
 
-// prefix[0..w] = running count of nonzero pixels of one row.
-GPFM_HD void row_prefix(const uint8_t* row, int w, int32_t* prefix) {
-  int32_t s = 0;
-  prefix[0] = 0;
-  for (int x = 0; x < w; ++x) {
-    s += row[x] != 0;
-    prefix[x + 1] = s;
+// t |= (t shifted by +s) | (t shifted by -s), 1 <= s <= 63, across the words of a packed row.
+GPFM_HD void shift_or(uint64_t* t, int nw, int s) {
+  uint64_t prev = 0;
+  for (int i = 0; i < nw; ++i) {
+    const uint64_t cur = t[i], next = i + 1 < nw ? t[i + 1] : 0;
+    t[i] = cur | (cur << s) | (prev >> (64 - s)) | (cur >> s) | (next << (64 - s));
+    prev = cur;
   }
 }
 
-// Binary dilation (erode = false) or erosion of pixel (x, y) with the elliptical element whose row
-// half-widths are halfw[0..2r]. Pixels outside the image are ignored (OpenCV's default border for
-// morphology), so the image edge neither grows nor erodes the mask.
-GPFM_HD uint8_t morph_pixel(const int32_t* prefix, int64_t pstride, int h, int w, int x, int y, const int* halfw,
-                            int r, bool erode) {
+// Horizontal dilation by radius d: the radius covered doubles with each shift_or.
+GPFM_HD void dilate_horizontally(uint64_t* t, int nw, int d) {
+  for (int c = 0; c < d;) {
+    const int s = imin(imin(c + 1, d - c), 63);
+    shift_or(t, nw, s);
+    c += s;
+  }
+}
+
+// Row y of the binary dilation (erode = false) or erosion of a packed mask with the elliptical
+// element whose row half-widths are halfw[0..2r]: the union over the element's rows of the source
+// rows dilated horizontally by their half-width. Erosion is the complement of the dilated
+// complement. Pixels outside the image are ignored (OpenCV's default border for morphology), so
+// the image edge neither grows nor erodes the mask. `tmp` holds one packed row.
+GPFM_HD void morph_row(const uint64_t* src, int64_t wstride, int h, int w, int y, const int* halfw, int r, bool erode,
+                       uint64_t* out, uint64_t* tmp) {
+  const int nw = words_for(w);
+  const uint64_t tail = tail_mask(w);
+  for (int i = 0; i < nw; ++i) out[i] = 0;
   for (int dy = -r; dy <= r; ++dy) {
     const int yy = y + dy;
     if (yy < 0 || yy >= h) continue;
-    const int d = halfw[dy + r];
-    const int lo = imax(x - d, 0), hi = imin(x + d, w - 1);
-    const int32_t* p = prefix + yy * pstride;
-    const int32_t count = p[hi + 1] - p[lo];
-    if (erode ? count != hi - lo + 1 : count > 0) return erode ? 0 : 1;
+    const uint64_t* row = src + yy * wstride;
+    uint64_t any = 0;
+    for (int i = 0; i < nw; ++i) any |= tmp[i] = color_word(row, i, nw, tail, erode ? 0 : 1);
+    if (!any) continue;
+    dilate_horizontally(tmp, nw, halfw[dy + r]);
+    for (int i = 0; i < nw; ++i) out[i] |= tmp[i];
   }
-  return erode ? 1 : 0;
+  if (erode)
+    for (int i = 0; i < nw; ++i) out[i] = ~out[i];
+  out[nw - 1] &= tail;
 }
 
 // ---- connected components (run-length union-find) ---------------------------------------------
-// A run is a maximal horizontal stretch of one colour, [start, end). Runs of a row are stored
+// A run is a maximal horizontal stretch of one colour, [start, end), found in a packed row with
+// word-wide bit tricks. Runs of a row are stored
 // contiguously after the runs of the rows above; row_begin[y]..row_begin[y+1] index them.
 // parent[] is a union-find forest whose roots are each component's smallest run index, so the
 // labels do not depend on the order in which threads merge rows.
 
-GPFM_HD bool is_color(uint8_t v, uint8_t color) { return (v != 0) == (color != 0); }
+// Run starts (or ends) of one colour in word i: set bits whose left (right) neighbour is not set.
+GPFM_HD uint64_t run_starts(const uint64_t* bits, int i, int nw, uint64_t tail, uint8_t color) {
+  const uint64_t v = color_word(bits, i, nw, tail, color);
+  const uint64_t left = i > 0 ? color_word(bits, i - 1, nw, tail, color) >> 63 : 0;
+  return v & ~((v << 1) | left);
+}
 
-GPFM_HD int count_runs(const uint8_t* row, int w, uint8_t color) {
+GPFM_HD uint64_t run_ends(const uint64_t* bits, int i, int nw, uint64_t tail, uint8_t color) {
+  const uint64_t v = color_word(bits, i, nw, tail, color);
+  const uint64_t right = i + 1 < nw ? color_word(bits, i + 1, nw, tail, color) << 63 : 0;
+  return v & ~((v >> 1) | right);
+}
+
+GPFM_HD int count_runs(const uint64_t* bits, int w, uint8_t color) {
+  const int nw = words_for(w);
+  const uint64_t tail = tail_mask(w);
   int n = 0;
-  for (int x = 0; x < w; ++x)
-    if (is_color(row[x], color) && (x == 0 || !is_color(row[x - 1], color))) ++n;
+  for (int i = 0; i < nw; ++i) n += popcount64(run_starts(bits, i, nw, tail, color));
   return n;
 }
 
-GPFM_HD void fill_runs(const uint8_t* row, int w, uint8_t color, int32_t* start, int32_t* end) {
-  int n = 0;
-  for (int x = 0; x < w; ++x) {
-    if (!is_color(row[x], color)) continue;
-    if (x == 0 || !is_color(row[x - 1], color)) start[n] = x;
-    if (x == w - 1 || !is_color(row[x + 1], color)) end[n++] = x + 1;
+// start[n] = first pixel, end[n] = one past the last pixel of the row's n-th run of `color`.
+GPFM_HD void fill_runs(const uint64_t* bits, int w, uint8_t color, int32_t* start, int32_t* end) {
+  const int nw = words_for(w);
+  const uint64_t tail = tail_mask(w);
+  int ns = 0, ne = 0;
+  for (int i = 0; i < nw; ++i) {
+    for (uint64_t b = run_starts(bits, i, nw, tail, color); b; b &= b - 1) start[ns++] = i * 64 + ctz64(b);
+    for (uint64_t b = run_ends(bits, i, nw, tail, color); b; b &= b - 1) end[ne++] = i * 64 + ctz64(b) + 1;
+  }
+}
+
+// Sets pixels [x0, x1) of a packed row to `value`.
+GPFM_HD void set_span(uint64_t* bits, int x0, int x1, bool value) {
+  while (x0 < x1) {
+    const int i = x0 >> 6, lo = x0 & 63, n = imin(64 - lo, x1 - x0);
+    const uint64_t m = (n == 64 ? ~0ull : ((1ull << n) - 1)) << lo;
+    bits[i] = value ? bits[i] | m : bits[i] & ~m;
+    x0 += n;
   }
 }
 
@@ -314,21 +565,31 @@ GPFM_HD bool flips(uint8_t color, int32_t area, int32_t border, int64_t min_area
   return area < min_area && (color != 0 || border == 0);
 }
 
-// Writes row y of dst: src's row as 0/1, with the runs of components that flip set to !color.
-GPFM_HD void paint_row(const uint8_t* src, uint8_t* dst, int w, uint8_t color, const int32_t* start,
+// Writes row y of dst: src's packed row, with the runs of components that flip set to !color.
+GPFM_HD void paint_row(const uint64_t* src, uint64_t* dst, int w, uint8_t color, const int32_t* start,
                        const int32_t* end, const int32_t* label, const int32_t* area, const int32_t* border,
                        int32_t r0, int32_t r1, int64_t min_area) {
-  for (int x = 0; x < w; ++x) dst[x] = src[x] != 0;
+  const int nw = words_for(w);
+  for (int i = 0; i < nw; ++i) dst[i] = src[i];
   for (int32_t i = r0; i < r1; ++i) {
     const int32_t root = label[i];
-    if (!flips(color, area[root], border[root], min_area)) continue;
-    for (int x = start[i]; x < end[i]; ++x) dst[x] = color ? 0 : 1;
+    if (flips(color, area[root], border[root], min_area)) set_span(dst, start[i], end[i], color == 0);
   }
 }
 
 // ---- summed-area table -------------------------------------------------------------------------
 // sat is (h + 1) x (w + 1), row stride `stride`: sat[y][x] = number of mask pixels above and left
 // of (x, y). Built as row prefixes (row y + 1 from mask row y), then accumulated down columns.
+
+// prefix[0..w] = running count of nonzero pixels of one row.
+GPFM_HD void row_prefix(const uint8_t* row, int w, int32_t* prefix) {
+  int32_t s = 0;
+  prefix[0] = 0;
+  for (int x = 0; x < w; ++x) {
+    s += row[x] != 0;
+    prefix[x + 1] = s;
+  }
+}
 
 GPFM_HD void accumulate_columns(int32_t* sat, int64_t stride, int h, int x0, int x1) {
   for (int y = 1; y <= h; ++y) {
