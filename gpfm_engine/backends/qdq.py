@@ -75,7 +75,9 @@ def insert_fp8_qdq(model: onnx.ModelProto, act_amax: dict[str, float]) -> onnx.M
             done[tensor] = dq
         return done[tensor]
 
-    for node in list(graph.node):
+    for original in graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)  # detached from the field that is rebuilt below
         if node.op_type == "MatMul" and node.input[1] in weights:
             weight = numpy_helper.to_array(weights[node.input[1]])
             node.input[0] = qdq(node.input[0], act_amax[node.input[0]])

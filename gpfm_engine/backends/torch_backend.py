@@ -34,7 +34,10 @@ class _Captured:
 
 
 class TorchBackend(Backend):
-    """Runs an ``nn.Module`` (normalized NCHW -> [N, D]) on the caller's current stream."""
+    """Runs an ``nn.Module`` (normalized NCHW -> [N, D]) on the caller's current stream.
+
+    The backend takes the module over: it is moved and cast in place (``nn.Module.to``).
+    """
 
     name = "torch"
 
