@@ -164,20 +164,28 @@ def test_locks_exclusive_and_stale_takeover(tmp_path: Path) -> None:
     assert locks.try_lock(path) is not None
 
 
+def _race_for_lock(path: str, barrier, results) -> None:
+    barrier.wait()
+    lock = locks.try_lock(Path(path))
+    results.put("won" if lock else "lost")
+    time.sleep(0.5)  # hold it while the others try
+
+
 def test_two_processes_never_hold_the_same_lock(tmp_path: Path) -> None:
-    """Many processes race for a stale lock: exactly one wins each round."""
-    code = (
-        "import sys, time; from pathlib import Path; from gpfm_engine import locks\n"
-        "l = locks.try_lock(Path(sys.argv[1]))\n"
-        "print('won' if l else 'lost', flush=True)\n"
-        "time.sleep(1.0)\n"
-    )
+    """Six processes race for a stale lock (dead owner): exactly one wins."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
     path = tmp_path / "s.lock"
     path.write_text(json.dumps({"host": locks.HOST, "pid": 2 ** 22 + 7, "started": 0}))  # dead pid
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(6)]
-    results = [p.communicate()[0].strip() for p in procs]
-    assert results.count("won") == 1, results
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_race_for_lock, args=(str(path), barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert outcomes.count("won") == 1, outcomes
 
 
 def test_run_json_merges_rows_and_totals(tmp_path: Path) -> None:
