@@ -337,8 +337,13 @@ int64_t count_background(const uint8_t* const rgb[3], int width, int white_level
   return n;
 }
 
-// Everything one patch needs besides its source; scratch buffers are reused across the patches
-// a worker handles.
+// Per-thread scratch, kept across the patches (and, on the calling thread, the calls) a thread
+// handles, so that patches can be handed out one at a time without reallocating.
+struct Scratch {
+  std::vector<uint8_t> row, src_t, out_t, planes, out_rows;
+};
+
+// Everything one patch needs besides its source.
 struct PatchJob {
   const TileRefs& tiles;
   const GatherPatches& patches;
@@ -348,8 +353,7 @@ struct PatchJob {
   StoreRows store;
   char* dst;
   float* background;
-
-  std::vector<uint8_t> row, src_t, out_t, planes, out_rows;
+  Scratch& scratch;
 
   // One output row yy from the three channel rows rgb; returns its background pixel count.
   int64_t emit_row(int64_t i, int yy, const uint8_t* const rgb[3]) const {
@@ -362,6 +366,7 @@ struct PatchJob {
 
   int64_t copy_patch(int64_t i, const PatchSource& src) {
     const int s = params.out_size;
+    std::vector<uint8_t>&row = scratch.row, &out_rows = scratch.out_rows;
     row.resize(static_cast<size_t>(s) * 3);
     out_rows.resize(static_cast<size_t>(s) * 3);
     const uint8_t* rgb[3] = {&out_rows[0], &out_rows[s], &out_rows[2 * s]};
@@ -379,18 +384,20 @@ struct PatchJob {
     const AxisTable &hx = *h_axis, &vy = *v_axis;
     const int in = hx.axis.in_size, s = hx.axis.out_size;
     const int y_begin = vy.rows_begin(), y_end = vy.rows_end(), ny = y_end - y_begin;
+    std::vector<uint8_t>&src_t = scratch.src_t, &out_t = scratch.out_t;
+    std::vector<uint8_t>&planes = scratch.planes, &out_rows = scratch.out_rows;
     src_t.resize(static_cast<size_t>(in) * kLanes);
     out_t.resize(static_cast<size_t>(s) * kLanes);
     planes.resize(static_cast<size_t>(3) * ny * s);
     out_rows.resize(static_cast<size_t>(s) * 3);
     const int64_t plane = static_cast<int64_t>(ny) * s;
+    const bool simd = hot_loops().simd;
 
     for (int yb = y_begin; yb < y_end; yb += kRows) {
       const int nrows = std::min(kRows, y_end - yb);
-      gather_block(src, yb, nrows, hot_loops().simd, src_t.data());
+      gather_block(src, yb, nrows, simd, src_t.data());
       hot_loops().horizontal(src_t.data(), hx, out_t.data());
-      scatter_to_planes(out_t.data(), s, nrows, hot_loops().simd, &planes[static_cast<size_t>(yb - y_begin) * s],
-                        plane);
+      scatter_to_planes(out_t.data(), s, nrows, simd, &planes[static_cast<size_t>(yb - y_begin) * s], plane);
     }
 
     const uint8_t* rgb[3] = {&out_rows[0], &out_rows[s], &out_rows[2 * s]};
@@ -426,10 +433,12 @@ void gather_cpu(const TileRefs& tiles, const GatherPatches& patches, const Gathe
     v_axis.emplace(params.src_height, params.out_size);
   }
   const StoreRows store = store_rows_for(params.dtype);
-  const int64_t grain = std::max<int64_t>(1, patches.n / (4 * static_cast<int64_t>(num_threads())));
-  parallel_for(patches.n, grain, [&](int64_t b, int64_t e) {
+  // One patch per chunk: a patch is ~0.1-2 ms of work, and small chunks keep a thread that the OS
+  // descheduled from holding back the end of the batch.
+  parallel_for(patches.n, 1, [&](int64_t b, int64_t e) {
+    thread_local Scratch scratch;
     PatchJob job{tiles, patches, params, h_axis ? &*h_axis : nullptr, v_axis ? &*v_axis : nullptr, store,
-                 static_cast<char*>(dst), background, {}, {}, {}, {}, {}};
+                 static_cast<char*>(dst), background, scratch};
     for (int64_t i = b; i < e; ++i) job.run(i);
   });
 }
