@@ -8,7 +8,9 @@ Both sides start from the same decoded stored tiles in memory (the read + decode
 - baseline: what ``read_region`` + the users' transform do, per patch on a ``ctx.threads`` thread
   pool (PIL releases the GIL while resizing): paint the patch from the tiles into a white canvas,
   ``Image.fromarray``, ``Resize((224, 224), BICUBIC)`` + ``ToTensor`` + ``Normalize`` written in PIL and
-  plain torch (``benchmarks.baselines.PilTransform``), then ``torch.stack``.
+  plain torch (``benchmarks.baselines.PilTransform``), then ``torch.stack``. torch's intra-op
+  threads are set to 1 for the stage, so each side runs ``ctx.threads`` threads (the pool's
+  workers each running torch would otherwise add torch's own threads on top).
 
 Before timing, the two batches are compared (max absolute difference, in the note) so the ratio is
 known to compare the same work. Pixels are random: both sides' cost is independent of content.
@@ -59,7 +61,8 @@ class TileLevel:
                 tile = self.tiles[ty * self.layout.columns + tx]
                 x0, y0 = max(x, tx * TILE), max(y, ty * TILE)
                 x1, y1 = min(x + size, (tx + 1) * TILE), min(y + size, (ty + 1) * TILE)
-                canvas[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * TILE:y1 - ty * TILE, x0 - tx * TILE:x1 - tx * TILE]
+                ox, oy = tx * TILE, ty * TILE
+                canvas[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
         return Image.fromarray(canvas)
 
 
@@ -81,8 +84,9 @@ def compare_size(ctx: BenchContext, level: TileLevel, size: int, n: int) -> Resu
         return torch.stack(list(pool.map(lambda xy: transform(level.read_region(int(xy[0]), int(xy[1]), size)),
                                          coords)))
 
-    previous = _core.num_threads()
+    previous = _core.num_threads(), torch.get_num_threads()
     _core.set_num_threads(ctx.threads)
+    torch.set_num_threads(1)
     try:
         max_diff = float((engine() - baseline()).abs().max())
         log.info("%s %d px: max |engine - baseline| = %.2e", NAME, size, max_diff)
@@ -91,7 +95,8 @@ def compare_size(ctx: BenchContext, level: TileLevel, size: int, n: int) -> Resu
         return compare(f"{NAME} {size}->{OUT}", engine, baseline, ctx.repeats, ctx.warmup, work=n, units="patches",
                        goal=GOAL, note=note, baseline_label="read_region + PIL + torch")
     finally:
-        _core.set_num_threads(previous)
+        _core.set_num_threads(previous[0])
+        torch.set_num_threads(previous[1])
         pool.shutdown()
 
 
