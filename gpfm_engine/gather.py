@@ -167,10 +167,10 @@ def resample_images(images: np.ndarray | torch.Tensor, size: int, mean: Sequence
     n, h, w, _ = src.shape
     if out is None:
         out = torch.empty((n, 3, size, size), dtype=dtype, device=src.device)
-    lut = torch.arange(n, dtype=torch.int32, device=src.device).view(n, 1, 1)
-    rects = torch.tensor([[0, 0, w, h]], dtype=torch.int32, device=src.device).expand(n, 4).contiguous()
-    _core.gather(src, lut, rects, out, h, w, w, h, [float(v) for v in mean], [float(v) for v in std], None,
-                 WHITE_LEVEL, current_stream(out))
+    lut = np.arange(n, dtype=np.int32).reshape(n, 1, 1)
+    rects = np.tile(np.array([[0, 0, w, h]], dtype=np.int32), (n, 1))
+    _core.gather(src, _on(lut, out.device), _on(rects, out.device), out, h, w, w, h, [float(v) for v in mean],
+                 [float(v) for v in std], None, WHITE_LEVEL, current_stream(out))
     return out
 
 
