@@ -2,6 +2,7 @@
 // per-pixel work in gpfm/tissue.h. Called with the GIL released.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "gpfm/launchers.h"
@@ -87,8 +88,14 @@ void median_any_row(const uint8_t* src, int64_t h, int64_t w, int k, int64_t y, 
   }
 }
 
-// Rows per task: about 64 KiB of pixels, so small thumbnails do not pay for threads.
-int64_t row_grain(int64_t w) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(w, 1)); }
+// Pixels per task. The light passes cost about a nanosecond per pixel, so they only split on
+// thumbnails large enough for a task to outweigh starting a thread; the median costs a few.
+constexpr int64_t kLightTaskPixels = int64_t{1} << 20;
+constexpr int64_t kMedianTaskPixels = int64_t{1} << 17;
+
+int64_t row_grain(int64_t w, int64_t task_pixels = kLightTaskPixels) {
+  return std::max<int64_t>(1, task_pixels / std::max<int64_t>(w, 1));
+}
 
 template <class Fn>
 void for_rows(int64_t h, int64_t w, Fn&& fn) {
@@ -107,7 +114,7 @@ SaturationTable saturation_table() {
 void median_pass(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, int64_t* hist) {
   if (hist) std::fill(hist, hist + 256, 0);
   const int64_t cw = (w + 15) / 16 * 16 + k + 16;  // a sorted-column plane, with the replicated edges
-  parallel_for(h, std::max<int64_t>(1, row_grain(w) / k), [&](int64_t b, int64_t e) {
+  parallel_for(h, row_grain(w, kMedianTaskPixels * 7 / std::max(k, 7)), [&](int64_t b, int64_t e) {
     int64_t local[256] = {0};
     std::vector<uint8_t> cols(has_median_network(k) ? k * cw : 0);
     for (int64_t y = b; y < e; ++y) {
@@ -132,16 +139,19 @@ void unpack(const uint64_t* bits, int64_t h, int64_t w, uint8_t* dst) {
   for_rows(h, w, [&](int y) { unpack_row(bits + y * nw, static_cast<int>(w), dst + y * w); });
 }
 
-// One dilation or erosion of a packed plane.
+// One dilation or erosion of a packed plane; each task dilates its rows and the r rows around.
 void morph_once(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, int k, bool erode) {
-  const int r = k / 2, nw = words_for(static_cast<int>(w));
-  std::vector<int> halfw(k);
-  for (int dy = -r; dy <= r; ++dy) halfw[dy + r] = ellipse_halfwidth(k, dy);
-  parallel_for(h, std::max<int64_t>(1, row_grain(w) / k), [&](int64_t b, int64_t e) {
-    Words tmp(nw);
-    for (int64_t y = b; y < e; ++y)
-      morph_row(src, nw, static_cast<int>(h), static_cast<int>(w), static_cast<int>(y), halfw.data(), r, erode,
-                dst + y * nw, tmp.data());
+  const Ellipse e = make_ellipse(k);
+  const int hi = static_cast<int>(h), wi = static_cast<int>(w);
+  const int64_t nw = words_for(wi);
+  parallel_for(h, row_grain(w), [&](int64_t b, int64_t end) {
+    const int64_t y0 = std::max<int64_t>(b - e.r, 0), y1 = std::min<int64_t>(end + e.r, h);
+    const int64_t plane = (y1 - y0) * nw;
+    std::unique_ptr<uint64_t[]> dilated(new uint64_t[plane * e.n]);
+    for (int64_t y = y0; y < y1; ++y)
+      dilate_row_radii(src + y * nw, wi, erode, e, dilated.get() + (y - y0) * nw, plane);
+    for (int64_t y = b; y < end; ++y)
+      combine_rows(dilated.get(), plane, static_cast<int>(y0), hi, wi, static_cast<int>(y), e, erode, dst + y * nw);
   });
 }
 
@@ -213,7 +223,7 @@ void median_blur_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int
 
 void histogram256_cpu(const uint8_t* src, int64_t n, int64_t* hist) {
   std::fill(hist, hist + 256, 0);
-  parallel_for(n, 1 << 18, [&](int64_t b, int64_t e) {
+  parallel_for(n, kLightTaskPixels, [&](int64_t b, int64_t e) {
     int64_t local[256] = {0};
     for (int64_t i = b; i < e; ++i) ++local[src[i]];
     for (int i = 0; i < 256; ++i)
@@ -247,7 +257,7 @@ void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w)
   const int64_t stride = w + 1;
   std::fill(sat, sat + stride, 0);
   for_rows(h, w, [&](int y) { row_prefix(mask + y * w, static_cast<int>(w), sat + (y + 1) * stride); });
-  const int64_t chunk = 1024;
+  const int64_t chunk = std::max<int64_t>(1024, kLightTaskPixels / std::max<int64_t>(h, 1));  // columns per task
   parallel_for((stride + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
     accumulate_columns(sat, stride, static_cast<int>(h), static_cast<int>(b * chunk),
                        static_cast<int>(std::min(stride, e * chunk)));
@@ -256,11 +266,11 @@ void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w)
 
 int segment_tissue_cpu(const TissueImage& src, const MaskParams& p, uint8_t* mask, int32_t* sat) {
   const int64_t h = src.h, w = src.w;
-  std::vector<uint8_t> score(h * w);
-  tissue_score_cpu(src, score.data(), p.dark_threshold);
+  std::unique_ptr<uint8_t[]> score(new uint8_t[h * w]);  // every byte is written: no zero fill
+  tissue_score_cpu(src, score.get(), p.dark_threshold);
   int64_t hist[256];
   const bool otsu = p.fixed_threshold < 0;
-  median_pass(score.data(), mask, h, w, p.median_k, otsu ? hist : nullptr);  // mask holds the median
+  median_pass(score.get(), mask, h, w, p.median_k, otsu ? hist : nullptr);  // mask holds the median
   const int level = choose_threshold(otsu ? otsu_threshold(hist) : 0, p.fixed_threshold, p.min_threshold);
   const int64_t n = h * words_for(static_cast<int>(w));
   Words bits(n), scratch(n);

@@ -94,15 +94,18 @@ __global__ void prefix_kernel(const uint8_t* src, int h, int w, int32_t* prefix,
   if (y < h) row_prefix(src + static_cast<int64_t>(y) * w, w, prefix + y * pstride);
 }
 
-// One thread per output row; `tmp` gives each row its own packed scratch row.
-__global__ void morph_kernel(const uint64_t* src, int h, int w, int k, bool erode, uint64_t* dst, uint64_t* tmp) {
-  int halfw[kMaxKernel];
-  const int r = k / 2;
-  for (int i = 0; i < k; ++i) halfw[i] = ellipse_halfwidth(k, i - r);
+__global__ void dilate_radii_kernel(const uint64_t* src, int h, int w, bool erode, Ellipse e, uint64_t* dilated) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y >= h) return;
   const int64_t nw = words_for(w);
-  morph_row(src, nw, h, w, y, halfw, r, erode, dst + y * nw, tmp + y * nw);
+  dilate_row_radii(src + y * nw, w, erode, e, dilated + y * nw, h * nw);
+}
+
+__global__ void combine_kernel(const uint64_t* dilated, int h, int w, Ellipse e, bool erode, uint64_t* dst) {
+  const int y = blockIdx.x * blockDim.x + threadIdx.x;
+  if (y >= h) return;
+  const int64_t nw = words_for(w);
+  combine_rows(dilated, h * nw, 0, h, w, y, e, erode, dst + y * nw);
 }
 
 // Run-length labelling, one thread per row; row_begin[h] (the run count) stays on the device.
@@ -177,11 +180,11 @@ cudaError_t unpack(const uint64_t* bits, int h, int w, uint8_t* dst, cudaStream_
 }
 
 cudaError_t morph_once(const uint64_t* src, uint64_t* dst, int h, int w, int k, bool erode, cudaStream_t s) {
-  Scratch<uint64_t> tmp(s);
-  GPFM_CUDA_TRY(tmp.alloc(packed_words(h, w)));
-  // halfw lives in local memory: small blocks
-  constexpr int threads = 64;
-  morph_kernel<<<blocks_for(h, threads), threads, 0, s>>>(src, h, w, k, erode, dst, tmp.ptr);
+  const Ellipse e = make_ellipse(k);
+  Scratch<uint64_t> dilated(s);
+  GPFM_CUDA_TRY(dilated.alloc(packed_words(h, w) * e.n));
+  dilate_radii_kernel<<<blocks_for(h), kThreads, 0, s>>>(src, h, w, erode, e, dilated.ptr);
+  combine_kernel<<<blocks_for(h), kThreads, 0, s>>>(dilated.ptr, h, w, e, erode, dst);
   return cudaGetLastError();
 }
 

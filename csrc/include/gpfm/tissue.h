@@ -17,6 +17,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "gpfm/hd.h"
@@ -384,18 +385,40 @@ GPFM_HD int choose_threshold(int otsu, int fixed_threshold, int min_threshold) {
 GPFM_HD int words_for(int w) { return (w + 63) >> 6; }
 GPFM_HD uint64_t tail_mask(int w) { return (w & 63) ? (~0ull >> (64 - (w & 63))) : ~0ull; }
 
+// Eight 0/1 bytes (byte j = pixel j, little-endian) <-> eight bits, by multiply and carry-free
+// SWAR tricks.
+GPFM_HD uint64_t gather_byte_flags(uint64_t flags) { return (flags * 0x0102040810204080ull) >> 56; }
+
+GPFM_HD uint64_t spread_bits(uint64_t byte) {
+  const uint64_t y = (byte * 0x0101010101010101ull) & 0x8040201008040201ull;  // byte j keeps bit j
+  return ((((y & 0x7F7F7F7F7F7F7F7Full) + 0x7F7F7F7F7F7F7F7Full) | y) & 0x8080808080808080ull) >> 7;
+}
+
 // bits = (row[x] > level) for x < w: thresholding the score (level 0 packs a 0/1 mask).
 GPFM_HD void pack_row(const uint8_t* row, int w, int level, uint64_t* bits) {
   for (int i = 0, base = 0; base < w; ++i, base += 64) {
     const int n = imin(64, w - base);
+    uint8_t flags[64] = {};
+    for (int j = 0; j < n; ++j) flags[j] = row[base + j] > level;
     uint64_t word = 0;
-    for (int j = 0; j < n; ++j) word |= static_cast<uint64_t>(row[base + j] > level) << j;
+    for (int g = 0; g < 8; ++g) {
+      uint64_t eight;
+      memcpy(&eight, flags + 8 * g, 8);
+      word |= gather_byte_flags(eight) << (8 * g);
+    }
     bits[i] = word;
   }
 }
 
 GPFM_HD void unpack_row(const uint64_t* bits, int w, uint8_t* row) {
-  for (int x = 0; x < w; ++x) row[x] = static_cast<uint8_t>((bits[x >> 6] >> (x & 63)) & 1u);
+  for (int i = 0, base = 0; base < w; ++i, base += 64) {
+    uint8_t bytes[64];
+    for (int g = 0; g < 8; ++g) {
+      const uint64_t eight = spread_bits((bits[i] >> (8 * g)) & 0xFFu);
+      memcpy(bytes + 8 * g, &eight, 8);
+    }
+    memcpy(row + base, bytes, static_cast<size_t>(imin(64, w - base)));
+  }
 }
 
 // The words of one colour: the row itself for 1, its complement (within the width) for 0.
@@ -425,38 +448,70 @@ GPFM_HD void shift_or(uint64_t* t, int nw, int s) {
   }
 }
 
-// Horizontal dilation by radius d: the radius covered doubles with each shift_or.
-GPFM_HD void dilate_horizontally(uint64_t* t, int nw, int d) {
-  for (int c = 0; c < d;) {
-    const int s = imin(imin(c + 1, d - c), 63);
+// Horizontal dilation of a row already dilated by radius `from` up to radius `to`: the radius
+// covered doubles with each shift_or.
+GPFM_HD void dilate_horizontally(uint64_t* t, int nw, int from, int to) {
+  for (int c = from; c < to;) {
+    const int s = imin(imin(c + 1, to - c), 63);
     shift_or(t, nw, s);
     c += s;
   }
 }
 
-// Row y of the binary dilation (erode = false) or erosion of a packed mask with the elliptical
-// element whose row half-widths are halfw[0..2r]: the union over the element's rows of the source
-// rows dilated horizontally by their half-width. Erosion is the complement of the dilated
-// complement. Pixels outside the image are ignored (OpenCV's default border for morphology), so
-// the image edge neither grows nor erodes the mask. `tmp` holds one packed row.
-GPFM_HD void morph_row(const uint64_t* src, int64_t wstride, int h, int w, int y, const int* halfw, int r, bool erode,
-                       uint64_t* out, uint64_t* tmp) {
+// The elliptical element as horizontal radii: its rows dy = -r..r have half-width
+// radius[pick[dy + r]], and radius[0..n) lists the distinct half-widths in ascending order.
+struct Ellipse {
+  int r, n;
+  int radius[kMaxKernel / 2 + 1];
+  int pick[kMaxKernel];
+};
+
+GPFM_HD Ellipse make_ellipse(int k) {
+  Ellipse e{};
+  e.r = k / 2;
+  for (int dy = -e.r; dy <= 0; ++dy) {  // half-widths grow towards the middle row
+    const int d = ellipse_halfwidth(k, dy);
+    if (e.n == 0 || e.radius[e.n - 1] != d) e.radius[e.n++] = d;
+    e.pick[dy + e.r] = e.pick[e.r - dy] = e.n - 1;
+  }
+  return e;
+}
+
+// Dilation and erosion are unions of horizontally dilated rows: output row y is the OR over the
+// element's rows dy of source row y + dy dilated by that row's half-width. A source row serves k
+// output rows with only e.n distinct radii, so each row is dilated once per radius (planes
+// `plane` words apart) and then combined. Erosion is the complement of the dilated complement.
+// Pixels outside the image are ignored (OpenCV's default border for morphology), so the image
+// edge neither grows nor erodes the mask.
+GPFM_HD void dilate_row_radii(const uint64_t* row, int w, bool erode, const Ellipse& e, uint64_t* out, int64_t plane) {
   const int nw = words_for(w);
   const uint64_t tail = tail_mask(w);
+  for (int i = 0; i < nw; ++i) out[i] = color_word(row, i, nw, tail, erode ? 0 : 1);
+  int covered = 0;
+  for (int j = 0; j < e.n; ++j) {
+    uint64_t* t = out + j * plane;
+    if (j > 0)
+      for (int i = 0; i < nw; ++i) t[i] = t[i - plane];
+    dilate_horizontally(t, nw, covered, e.radius[j]);
+    covered = e.radius[j];
+  }
+}
+
+// Row y of the dilation (or erosion) from the dilated rows of dilate_row_radii, whose first
+// stored row is y0.
+GPFM_HD void combine_rows(const uint64_t* dilated, int64_t plane, int y0, int h, int w, int y, const Ellipse& e,
+                          bool erode, uint64_t* out) {
+  const int nw = words_for(w);
   for (int i = 0; i < nw; ++i) out[i] = 0;
-  for (int dy = -r; dy <= r; ++dy) {
+  for (int dy = -e.r; dy <= e.r; ++dy) {
     const int yy = y + dy;
     if (yy < 0 || yy >= h) continue;
-    const uint64_t* row = src + yy * wstride;
-    uint64_t any = 0;
-    for (int i = 0; i < nw; ++i) any |= tmp[i] = color_word(row, i, nw, tail, erode ? 0 : 1);
-    if (!any) continue;
-    dilate_horizontally(tmp, nw, halfw[dy + r]);
-    for (int i = 0; i < nw; ++i) out[i] |= tmp[i];
+    const uint64_t* row = dilated + e.pick[dy + e.r] * plane + static_cast<int64_t>(yy - y0) * nw;
+    for (int i = 0; i < nw; ++i) out[i] |= row[i];
   }
   if (erode)
     for (int i = 0; i < nw; ++i) out[i] = ~out[i];
-  out[nw - 1] &= tail;
+  out[nw - 1] &= tail_mask(w);
 }
 
 // ---- connected components (run-length union-find) ---------------------------------------------
