@@ -18,7 +18,8 @@ from PIL import Image
 
 from gpfm_engine import synth
 from gpfm_engine.errors import SlideError
-from training.data.wsi import open_training_slide, tissue_grid
+from gpfm_engine.grid import GridParams, make_grid
+from gpfm_engine.slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ class TileSource(Protocol):
 
 @dataclass
 class SlideSource:
-    """Tiles of ``fov_um`` on a non-overlapping tissue grid of one slide, returned at ``tile_px``."""
+    """Patches of ``fov_um`` on the engine's tissue grid (``gpfm_engine.grid.make_grid``) of one
+    slide, read through ``gpfm_engine.open_slide`` at the grid's read level and returned at
+    ``tile_px`` (bicubic), i.e. at ``fov_um / tile_px`` µm per pixel."""
 
     path: Path
     fov_um: float
@@ -45,28 +48,29 @@ class SlideSource:
     mpp: float | None = None
     name: str = ""
     coords: np.ndarray = field(init=False)
-    _slide: object | None = field(default=None, init=False, repr=False)
+    _slide: Slide | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
-        with open_training_slide(self.path, self.mpp) as slide:
-            grid = tissue_grid(slide, self.fov_um, self.min_tissue, self.tile_px, self.overlap)
-        self.coords, self.read_level, self.read_size, self.size_level0 = grid
+        params = GridParams(fov_um=self.fov_um, overlap=self.overlap, threshold=self.min_tissue, target_size=self.tile_px)
+        with open_slide(self.path, mpp=self.mpp) as slide:
+            grid = make_grid(slide, params=params, mpp=self.mpp)
+        self.coords, self.read_level = grid.coords, grid.read_level
+        self.read_size = max(1, round(grid.patch_size_read))
 
     def __len__(self) -> int:
         return len(self.coords)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_slide"] = None  # handles never cross process boundaries
+        state["_slide"] = None  # each process opens its own handle
         return state
 
     def read(self, index: int) -> Image.Image:
         if self._slide is None:
-            self._slide = open_training_slide(self.path, self.mpp)
+            self._slide = open_slide(self.path, mpp=self.mpp)
         x, y = (int(v) for v in self.coords[index])
-        pixels = self._slide.read_region((x, y), self.read_level, (self.read_size, self.read_size))
-        img = Image.fromarray(pixels)
+        img = Image.fromarray(self._slide.read_region((x, y), self.read_level, (self.read_size, self.read_size)))
         if img.size != (self.tile_px, self.tile_px):
             img = img.resize((self.tile_px, self.tile_px), Image.Resampling.BICUBIC)
         return img
