@@ -19,9 +19,11 @@ from gpfm_engine import synth
 
 # name -> write_slide arguments. Sizes are chosen for a few hundred 128 µm patches per slide.
 DEMO_SLIDES: dict[str, dict] = {
-    "demo-aperio-40x.svs": dict(size=(7000, 5200), fmt="svs", compression="jpeg", mpp=0.25, objective=40, seed=11),
-    "demo-gt450-rgb.tiff": dict(size=(6000, 4600), fmt="tiff", compression="jpeg_rgb", mpp=0.263, seed=12),
-    "demo-20x-lzw.tiff": dict(size=(4200, 3200), fmt="tiff", compression="lzw", mpp=0.5, seed=13, coverage=0.5),
+    "demo-aperio-40x.svs": dict(size=(8000, 6000), fmt="svs", compression="jpeg", mpp=0.25, objective=40, seed=11,
+                                coverage=0.95),
+    "demo-gt450-rgb.tiff": dict(size=(6000, 4600), fmt="tiff", compression="jpeg_rgb", mpp=0.263, seed=12,
+                                coverage=0.95),
+    "demo-20x-lzw.tiff": dict(size=(8000, 6000), fmt="tiff", compression="lzw", mpp=0.5, seed=13, coverage=0.9),
 }
 # Real slides from ../shared/data/wsi that OpenSlide opens and that carry a trustworthy mpp.
 REAL_SLIDES = ("aperio/CMU-1-Small-Region.svs", "hamamatsu-ndpi/test3-DAPI-2-(387).ndpi")

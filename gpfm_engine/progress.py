@@ -142,13 +142,11 @@ def summary_table(records: Sequence[SlideRecord], seconds: float) -> Table:
                + f" | {c['patches']:,} patches | {seconds:.1f} s"
                + (f" | {computed / seconds:,.1f} patches/s" if computed and seconds > 0 else ""))
     table = Table(title="gpfm-engine extract", caption=caption)
-    for col, justify in (("slide", "left"), ("status", "left"), ("patches", "right"), ("seconds", "right"),
-                         ("tiles skipped", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
-    # One line per slide: failures were printed in full as they happened.
-    table.add_column("note", overflow="ellipsis", no_wrap=True, max_width=60)
+    table.add_column("slide", no_wrap=True, overflow="ellipsis", max_width=32)
+    for col in ("status", "patches", "seconds"):
+        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True, min_width=len(col))
+    table.add_column("note", overflow="fold")  # corrupt tiles skipped, empty grids, the error line
     for r in records:
-        note = r.error or r.detail
         table.add_row(r.name, f"[{_STYLE[r.status]}]{r.status.value}[/]", f"{r.patches:,}", f"{r.seconds:.1f}",
-                      str(r.tiles_skipped) if r.tiles_skipped else "", note)
+                      r.error or r.detail)
     return table
