@@ -24,7 +24,8 @@ pairs A B A B …) and returns a ``Comparison``: ``ratio_median`` / ``ratio_min`
 ``goal``; ``None`` without a goal) and the raw per-call seconds. ``work`` is the amount of work
 one call does (tiles, patches, slides), used only for the context rates. ``compare_all(name,
 engine_fn, {"CLAM-style": fa, "TRIDENT-style": fb}, ...)`` interleaves several baselines in the
-same rounds (engine, a, b, engine, a, b, …) and returns one ``Comparison`` per baseline.
+same rounds (engine, a, b, engine, a, b, …) and returns one ``Comparison`` per baseline;
+``interleave({label: fn, ...})`` is the primitive under both (raw seconds per label and round).
 
 Non-timing comparisons (peak memory) build a ``Comparison`` directly with ``metric="MiB"`` and
 ``ratio="growth"`` (engine / baseline, lower is better, goal is a maximum).
@@ -179,6 +180,35 @@ def compare(
     return c
 
 
+def interleave(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    *,
+    name: str = "",
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """The primitive under ``compare``: rounds of every function in order, seconds per call.
+
+    ``warmup`` unrecorded rounds, then ``repeats`` recorded ones; returns ``{label: [seconds of
+    round 0, round 1, …]}``. Use it directly when one round holds more than an engine and its
+    baselines (e.g. two engine configurations against the same baselines).
+    """
+    if repeats < 1 or warmup < 0 or not fns:
+        raise ValueError(f"{name}: repeats must be >= 1, warmup >= 0, and at least one function given")
+    for i in range(warmup):
+        log.info("%s: warm-up %d/%d", name, i + 1, warmup)
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for i in range(repeats):
+        for label, fn in fns.items():
+            times[label].append(_timed(fn, clock))
+        log.info("%s: round %d/%d %s", name, i + 1, repeats,
+                 " ".join(f"{label} {v[-1]:.3f}s" for label, v in times.items()))
+    return times
+
+
 def compare_all(
     name: str,
     engine_fn: Callable[[], object],
@@ -199,24 +229,12 @@ def compare_all(
     Returns one ``Comparison`` per baseline (named ``"<name> vs <label>"``), each pairing a
     baseline's value in round i with the engine's value in the same round.
     """
-    if repeats < 1 or warmup < 0 or not baselines:
-        raise ValueError(f"{name}: repeats must be >= 1, warmup >= 0, and at least one baseline given")
-    for i in range(warmup):
-        log.info("%s: warm-up %d/%d", name, i + 1, warmup)
-        engine_fn()
-        for fn in baselines.values():
-            fn()
-    eng: list[float] = []
-    base: dict[str, list[float]] = {label: [] for label in baselines}
-    for i in range(repeats):
-        eng.append(_timed(engine_fn, clock))
-        for label, fn in baselines.items():
-            base[label].append(_timed(fn, clock))
-        log.info("%s: round %d/%d engine %.3fs %s", name, i + 1, repeats, eng[-1],
-                 " ".join(f"{label} {v[-1]:.3f}s" for label, v in base.items()))
-    return [Comparison(f"{name} vs {label}" if suffix else name, eng, values, work=work, units=units, goal=goal,
-                       note=note, engine_label=engine_label, baseline_label=label)
-            for label, values in base.items()]
+    if not baselines or engine_label in baselines:
+        raise ValueError(f"{name}: give at least one baseline, none labelled {engine_label!r}")
+    times = interleave({engine_label: engine_fn, **baselines}, repeats, warmup, name=name, clock=clock)
+    return [Comparison(f"{name} vs {label}" if suffix else name, times[engine_label], times[label], work=work,
+                       units=units, goal=goal, note=note, engine_label=engine_label, baseline_label=label)
+            for label in baselines]
 
 
 # --- context handed to stage benchmarks -----------------------------------------------------------

@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import Comparison, Skipped, append_results, compare, compare_all, render_markdown, write_json
+from benchmarks.harness import (Comparison, Skipped, append_results, compare, compare_all, interleave, render_markdown,
+                                write_json)
 
 MACHINE = {"date": "2030-01-02T03:04:05+00:00", "cpu": "Test CPU", "cores_logical": 2, "cores_usable": 2,
            "memory_gib": 1.0, "load_avg": [0.0, 0.0, 0.0], "git_commit": "abc123",
            "versions": {"gpfm-engine": "0.1.0", "python": "3.11", "torch": "2.13.0"}}
+
+
+@pytest.fixture(autouse=True)
+def no_gc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness collects garbage before each timed call; on a big heap that costs seconds here."""
+    monkeypatch.setattr("benchmarks.harness.gc.collect", lambda: 0)
 
 
 class FakeClock:
@@ -133,3 +140,13 @@ def test_plot_writes_a_png_with_one_row_per_comparison(tmp_path: Path) -> None:
     out = plot_ratios(rows, tmp_path / "r.png")
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 0 and img.height > 2 * 46
+
+
+def test_interleave_returns_raw_seconds_per_label_and_round() -> None:
+    clock, calls = FakeClock(), []
+    fns = {"x": scripted(clock, calls, "x", [5.0, 1.0, 2.0, 3.0]), "y": scripted(clock, calls, "y", [5.0, 4.0, 5.0, 6.0])}
+    times = interleave(fns, repeats=3, warmup=1, clock=clock)
+    assert calls == ["x", "y"] * 4
+    assert times == {"x": [1.0, 2.0, 3.0], "y": [4.0, 5.0, 6.0]}
+    with pytest.raises(ValueError):
+        compare_all("dup", fns["x"], {"engine": fns["y"]})
