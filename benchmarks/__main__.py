@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m benchmarks") 
         log.info("stage %s", stage)
         results += run_stage(stage, module, ctx)
     elapsed = time.perf_counter() - t0
+    machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy
     command = " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     if args.json_out:
         write_json(results, args.json_out, machine, command=command, suite=args.suite, seconds=elapsed)

@@ -380,7 +380,8 @@ def render_section(results: Sequence[Result], command: str, machine: dict[str, A
         f"Command: `{command}`",
         "",
         f"Machine: {machine['cpu']}; {machine['cores_logical']} logical / {machine['cores_usable']} usable "
-        f"cores; {machine['memory_gib']} GiB RAM; load average at start {machine['load_avg']}; "
+        f"cores; {machine['memory_gib']} GiB RAM; load average at start {machine['load_avg']}"
+        + (f", at end {machine['load_avg_end']}" if "load_avg_end" in machine else "") + "; "
         f"commit {machine['git_commit']}; gpfm-engine {v.get('gpfm-engine', '?')}, Python {v.get('python', '?')}, "
         f"torch {v.get('torch', '?')} ({machine.get('torch_threads', '?')} threads), numpy {v.get('numpy', '?')}, "
         f"openslide {v.get('openslide', '?')}" + (f"; GPU {machine['gpu']}" if "gpu" in machine else "") + ".",
