@@ -97,6 +97,7 @@ class TileSource:
         self.tile_shape = (int(layout.tile_height), int(layout.tile_width), 3)
         usable = gpu_decoder is not None and layout.compression in getattr(gpu_decoder, "compressions", ())
         self.gpu_decoder = gpu_decoder if usable else None
+        self.bad: set[int] = set()  # corrupt tiles found so far: never decoded (or counted) twice
 
     @property
     def tile_bytes(self) -> int:
@@ -104,7 +105,7 @@ class TileSource:
 
     def fetch(self, indices: Sequence[int]) -> tuple[Any, set[int]]:
         """The decoded tiles of ``indices`` (in order) and the set of indices that were corrupt."""
-        if self.gpu_decoder is not None:
+        if self.gpu_decoder is not None and not self.bad.intersection(indices):
             from gpfm_engine.decode.gpu import decode_slide_tiles
 
             try:
@@ -122,7 +123,7 @@ class TileSource:
 
     def _read_host(self, indices: Sequence[int]) -> tuple[list[np.ndarray], set[int]]:
         indices = [int(i) for i in indices]
-        bad: set[int] = set()
+        bad = self.bad.intersection(indices)
         while True:
             good = [i for i in indices if i not in bad]
             try:
@@ -133,6 +134,7 @@ class TileSource:
                     raise
                 log.warning("%s (patches touching it are skipped)", exc)
                 bad.add(exc.index)  # retry the rest; tiles decoded so far come from the cache
+                self.bad.add(exc.index)
         if not bad:
             return decoded, bad
         white = np.full(self.tile_shape, 255, np.uint8)
@@ -169,7 +171,7 @@ class _Loaded:
     coords: np.ndarray
     buffer: torch.Tensor
     drop: np.ndarray
-    tiles_skipped: int
+    tiles_skipped: int  # corrupt tiles first found in this batch
 
 
 class _BatchLoader:
@@ -215,19 +217,18 @@ class _BatchLoader:
 
     def _fill(self, coords: np.ndarray, buffer: torch.Tensor) -> _Loaded:
         drop = np.zeros(len(coords), bool)
-        skipped = 0
         offset = 0
+        known_bad = len(self.tiles.bad)
         for group in self._groups(coords):
             gplan = self.gather.plan(group, self.plan.downsample)
             tiles, bad = self.tiles.fetch(gplan.tile_indices)
             self.gather.run(tiles, gplan, buffer[offset:offset + len(group)])
             if bad:
-                skipped += len(bad)
                 drop[offset:offset + len(group)] = rows_touching(
                     group, bad, self.plan.layout, self.plan.downsample, float(self.plan.grid.patch_size_read),
                     self.engine.cfg.input_size)
             offset += len(group)
-        return _Loaded(coords, buffer, drop, skipped)
+        return _Loaded(coords, buffer, drop, len(self.tiles.bad) - known_bad)
 
     def _groups(self, coords: np.ndarray) -> list[np.ndarray]:
         """Split a batch so that no group's decoded tiles exceed the tile byte budget."""
@@ -423,19 +424,19 @@ class Extraction:
         record = lambda status, **kw: SlideRecord(job.name, path, status, **kw)  # noqa: E731
         if self.options.dry_run:
             return self._plan_only(job, record)
-        recipe = self.engine.recipe(job.input.mpp)
-        decision = self.store.decide(job.name, recipe, self.options.overwrite)
-        if decision.action is Action.SKIP:
-            locks.clear_stale(self.store.paths(job.name).lock)  # left by a process killed after its commit
-            return record(Status.SKIPPED, patches=self._existing_rows(job.name), detail=decision.reason)
-        if decision.action is Action.REFUSE:
-            return record(Status.REFUSED, error=decision.reason)
-        lock = self.store.lock(job.name)
-        if lock is None:
-            owner = locks.holder(self.store.paths(job.name).lock)
-            return record(Status.BUSY, detail=f"locked by {owner.describe() if owner else 'another process'}")
-        slide = None
+        lock = slide = None
         try:
+            recipe = self.engine.recipe(job.input.mpp)
+            decision = self.store.decide(job.name, recipe, self.options.overwrite)
+            if decision.action is Action.SKIP:
+                locks.clear_stale(self.store.paths(job.name).lock)  # left by a process killed after its commit
+                return record(Status.SKIPPED, patches=self._existing_rows(job.name), detail=decision.reason)
+            if decision.action is Action.REFUSE:
+                return record(Status.REFUSED, error=decision.reason)
+            lock = self.store.lock(job.name)
+            if lock is None:
+                owner = locks.holder(self.store.paths(job.name).lock)
+                return record(Status.BUSY, detail=f"locked by {owner.describe() if owner else 'another process'}")
             # Another process may have finished the slide between our decision and our lock.
             if self.store.decide(job.name, recipe, self.options.overwrite).action is Action.SKIP:
                 lock.release()
@@ -448,7 +449,8 @@ class Extraction:
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             if slide is not None:
                 slide.close()
-            lock.release()
+            if lock is not None:
+                lock.release()
             return record(Status.FAILED, error=_slide_error(path, exc), seconds=time.perf_counter() - t0)
 
     def _plan_only(self, job: SlideJob, record: Callable[..., SlideRecord]) -> SlideRecord:
@@ -498,6 +500,8 @@ class Extraction:
                         continue
                 else:
                     _discard(item)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must stop the run, not truncate it
+            out.put(exc)
         finally:
             out.put(_END)
 
@@ -515,6 +519,8 @@ class Extraction:
                 item = prepared.get()
                 if item is _END:
                     break
+                if isinstance(item, BaseException):
+                    raise item
                 if isinstance(item, SlideRecord):
                     self._finish(item)
                 else:
@@ -532,9 +538,10 @@ class Extraction:
                 writer.close()
                 self._drain(writer)
             pool.shutdown(wait=True)
+            self.reporter.close()
+            if self.runlog is not None:
+                self.runlog.flush(finished=True)
         self.reporter.run_finished(self.records, time.perf_counter() - t_run)
-        if self.runlog is not None:
-            self.runlog.flush(finished=True)
         return self.records
 
     def _extract(self, item: _Prepared, writer: _Writer, pool: ThreadPoolExecutor) -> None:
@@ -555,7 +562,7 @@ class Extraction:
                 self.reporter.batch_done(job.name, len(batch.coords))
                 self._drain(writer)
             if plan.num_patches == 0:
-                record.detail = "no tissue found: empty output written"
+                record.detail = f"{plan.grid.empty_reason or 'no patches'}: empty output written"
             elif record.tiles_skipped:
                 record.detail = f"{record.tiles_skipped} corrupt tiles skipped"
             record.seconds = item.prepare_seconds + time.perf_counter() - t0
