@@ -129,6 +129,19 @@ def test_filter_components_matches_opencv_labelling() -> None:
         assert np.array_equal(out, ref.filter_components(src, min_tissue, min_hole)), (trial, shape)
 
 
+def test_components_merged_by_many_threads_match() -> None:
+    """Rows are merged concurrently through the lock-free union-find; a large noisy mask spreads
+    them over several tasks and makes threads race on the same trees."""
+    mask = smooth_mask(np.random.default_rng(9), (2200, 1500), 0.8, 0.5)
+    before = _core.num_threads()
+    try:
+        _core.set_num_threads(8)
+        out = run_plane(_core.filter_components, mask, 30, 30)
+    finally:
+        _core.set_num_threads(before)
+    assert np.array_equal(out, ref.filter_components(mask, 30, 30))
+
+
 def test_holes_touching_the_border_stay_and_diagonal_tissue_is_one_component() -> None:
     src = np.zeros((7, 7), np.uint8)
     src[1:6, 1:6] = 1

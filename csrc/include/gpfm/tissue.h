@@ -564,11 +564,12 @@ GPFM_HD void set_span(uint64_t* bits, int x0, int x1, bool value) {
 }
 
 // Other threads may link a root while we walk; a stale read still names an ancestor, and
-// uf_union's atomic min notices a root that stopped being one.
+// uf_union's atomic min notices a root that stopped being one. The device read is volatile so it
+// goes to L2, where the atomics land, instead of a stale L1 line.
 GPFM_HD int32_t uf_find(const int32_t* parent, int32_t i) {
   while (true) {
 #if defined(__CUDA_ARCH__)
-    const int32_t p = parent[i];
+    const int32_t p = *reinterpret_cast<const volatile int32_t*>(parent + i);
 #else
     const int32_t p = __atomic_load_n(parent + i, __ATOMIC_RELAXED);
 #endif
@@ -578,7 +579,8 @@ GPFM_HD int32_t uf_find(const int32_t* parent, int32_t i) {
 }
 
 // Lock-free union (Playne & Hawick 2018): the larger root is linked under the smaller with an
-// atomic min, retrying when another thread relinked it first.
+// atomic min. If another thread linked it first (to `old`), the min has moved it under the
+// smaller of the two, and the union goes on with `old` so that link is not lost.
 GPFM_HD void uf_union(int32_t* parent, int32_t a, int32_t b) {
   while (true) {
     a = uf_find(parent, a);
@@ -589,7 +591,9 @@ GPFM_HD void uf_union(int32_t* parent, int32_t a, int32_t b) {
       a = b;
       b = t;
     }
-    if (atomic_min_i32(&parent[b], a) == b) return;
+    const int32_t old = atomic_min_i32(&parent[b], a);
+    if (old == b) return;
+    b = old;
   }
 }
 
