@@ -9,7 +9,7 @@ Sizes: the issue asks for about 40k x 30k px. Synthesizing that takes ~270 s of 
 (measured: 12 ms to render + 0.2 ms to encode one 240 px tile, 21k level-0 tiles), i.e. 5-15
 minutes wall on the shared 2-core machine, so the default is 32k x 24k (0.77 Gpx, ~3 min of CPU;
 it took 5.4 min wall here while other jobs ran, 96 MB). ``GPFM_BENCH_SLIDE_SIZE=40000x30000`` (or
-``--slide-size``) generates the full size. The medium slide takes ~25 s, the 200 small ones ~2.5 min.
+``--slide-size``) generates the full size. The medium slide takes ~25 s, the 200 small ones 2.5-13 min (depending on the load).
 """
 from __future__ import annotations
 
