@@ -21,11 +21,13 @@ def mask_contour(mask: np.ndarray) -> np.ndarray:
 
 
 def render_qc(mask: TissueMask, grid: PatchGrid, max_side: int = 1024) -> Image.Image:
-    """The QC picture: the thumbnail (at most ``max_side`` px), mask contour, kept patches outlined."""
+    """The QC picture: the thumbnail scaled to ``max_side`` px on its long side (small ones are
+    enlarged so the patch outlines stay readable), mask contour, kept patches outlined."""
     h, w = mask.mask.shape
-    shrink = min(1.0, max_side / max(h, w))
-    out_w, out_h = max(1, round(w * shrink)), max(1, round(h * shrink))
-    image = Image.fromarray(mask.thumbnail).resize((out_w, out_h), Image.Resampling.BOX)
+    scale = max_side / max(h, w)
+    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.NEAREST
+    image = Image.fromarray(mask.thumbnail).resize((out_w, out_h), resample)
     small_mask = np.asarray(Image.fromarray(mask.mask * 255).resize((out_w, out_h), Image.Resampling.NEAREST))
     pixels = np.array(image)
     pixels[mask_contour(small_mask)] = CONTOUR_RGB
