@@ -70,6 +70,21 @@ class Batch:
     tiles_skipped: int = 0
 
 
+def hand_over(tensor: torch.Tensor) -> torch.Tensor:
+    """Make an engine-stream CUDA tensor safe to use on the caller's current stream.
+
+    The caller's stream waits for the engine stream on the device (no host synchronisation), and
+    the caching allocator is told the tensor is used there. Host tensors pass through.
+    """
+    if tensor.is_cuda:
+        from gpfm_engine.cuda_stream import engine_stream
+
+        current = torch.cuda.current_stream(tensor.device)
+        current.wait_stream(engine_stream(tensor.device))
+        tensor.record_stream(current)
+    return tensor
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one line: our errors already name file and cause; others get their type."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -275,7 +290,7 @@ def stream_slide(engine: "Engine", plan: "SlidePlan", pool: ThreadPoolExecutor |
             keep = ~item.drop
             if not keep.all():
                 features = features[torch.from_numpy(keep).to(features.device)]
-            yield Batch(item.coords[keep], features, item.tiles_skipped)
+            yield Batch(item.coords[keep], hand_over(features), item.tiles_skipped)
     finally:
         loader.close()
         if own_pool:
@@ -284,13 +299,16 @@ def stream_slide(engine: "Engine", plan: "SlidePlan", pool: ThreadPoolExecutor |
 
 def embed_images(engine: "Engine", groups: Sequence[tuple[np.ndarray, torch.Tensor]]) -> torch.Tensor:
     """Features of uint8 [n, H, W, 3] image groups, returned in the order of ``positions``."""
-    total = sum(len(p) for p, _ in groups)
-    out = torch.empty((total, engine.feature_dim), device=engine.device)
-    size, bs = engine.cfg.input_size, engine.batch_size
-    backend = engine.backend
     from gpfm_engine.gather import resample_images
 
-    with on_engine_stream(engine.device):
+    total = sum(len(p) for p, _ in groups)
+    size, bs = engine.cfg.input_size, engine.batch_size
+    backend = engine.backend
+    caller = torch.cuda.current_stream(engine.device) if engine.device.type == "cuda" else None
+    with on_engine_stream(engine.device) as stream:
+        if stream is not None:
+            stream.wait_stream(caller)  # the caller's CUDA images may still be in the making
+        out = torch.empty((total, engine.feature_dim), device=engine.device)
         for positions, images in groups:
             images = images.to(engine.device, non_blocking=True)
             for start in range(0, len(images), bs):
@@ -298,7 +316,7 @@ def embed_images(engine: "Engine", groups: Sequence[tuple[np.ndarray, torch.Tens
                 batch = resample_images(chunk, size, engine.cfg.mean, engine.cfg.std, backend.input_dtype)
                 feats = backend.run(batch)
                 out[torch.as_tensor(positions[start:start + bs], device=engine.device)] = feats.to(out.dtype)
-    return out
+    return hand_over(out)
 
 
 # ----------------------------------------------------------------------------- many slides
