@@ -91,3 +91,15 @@ def test_export_round_trip_loads_strictly_and_matches_the_teacher(smoke_slide: P
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded(x), teacher(x))
+    # The exported file also initialises a new run (model.pretrained), student and teacher alike.
+    fresh = train.main(smoke_args(smoke_slide, tmp_path / "again", *arch, f"model.pretrained={tmp_path / 'tiny.safetensors'}",
+                                  "train.stop_at_iteration=0")).model
+    for net in (fresh.student, fresh.teacher):
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.backbone.state_dict().items() if k != "mask_token")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite(smoke_slide: Path, tmp_path: Path, precision: str) -> None:
+    history = train.main(smoke_args(smoke_slide, tmp_path, f"compute.precision={precision}", "train.stop_at_iteration=3",
+                                    "crops.local_crops_number=1")).metrics.history
+    assert len(history) == 3 and all(math.isfinite(v) for h in history for v in h.values())

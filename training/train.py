@@ -133,7 +133,7 @@ def do_train(cfg: dict, model: DistillMetaArch, optimizer, scaler, schedules: Sc
              start_iter: int, output_dir: Path) -> MetricsLog:
     train = cfg["train"]
     total = len(schedules.lr)
-    stop = min(total, train["stop_at_iteration"] or total)
+    stop = total if train["stop_at_iteration"] is None else min(total, train["stop_at_iteration"])
     metrics = MetricsLog(output_dir / "metrics.jsonl" if distributed.is_main() else None)
     model.train()
     t_last = time.perf_counter()
