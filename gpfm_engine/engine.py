@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,7 +29,12 @@ import torch
 from gpfm_engine import __version__
 from gpfm_engine.cuda_stream import resolve_device
 from gpfm_engine.errors import GpfmError
+from gpfm_engine.gather import PatchGather
+from gpfm_engine.grid import GridParams, make_grid
 from gpfm_engine.models import get_model_cfg
+from gpfm_engine.pipeline import embed_images, stream_slide
+from gpfm_engine.slide import open_slide
+from gpfm_engine.tissue import TissueParams, segment_tissue
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +107,6 @@ class Engine:
         mpp: float | None = None,
         **geometry: Any,
     ) -> None:
-        from gpfm_engine.grid import GridParams
-        from gpfm_engine.tissue import TissueParams
-
         if on_tile_error not in ON_TILE_ERROR:
             raise ValueError(f"on_tile_error must be one of {ON_TILE_ERROR}, got {on_tile_error!r}")
         if batch_size < 1:
@@ -131,7 +134,6 @@ class Engine:
             tissue = TissueParams(**tissue)
         self.tissue_params = tissue
         self._backend = None
-        self._weights_sha256: str | None = None
 
     # ------------------------------------------------------------------ model side
     @property
@@ -164,11 +166,8 @@ class Engine:
 
     @property
     def weights_sha256(self) -> str:
-        if self._weights_sha256 is None:
-            b = self.backend
-            sha = getattr(b, "weights_sha256", None) or getattr(getattr(b, "model", None), "weights_sha256", None)
-            self._weights_sha256 = str(sha or "")
-        return self._weights_sha256
+        """sha256 of the weights file the backend loaded (part of every recipe)."""
+        return str(self.backend.weights_sha256 or "")
 
     @property
     def feature_dim(self) -> int:
@@ -191,8 +190,6 @@ class Engine:
     # ------------------------------------------------------------------ slide side
     def open(self, path_or_slide: Any, mpp: float | None = None):
         """An open Slide (a Slide passed in is returned as is)."""
-        from gpfm_engine.slide import open_slide
-
         if isinstance(path_or_slide, (str, os.PathLike)):
             override = mpp if mpp is not None else self.mpp
             return open_slide(path_or_slide, mpp=override)
@@ -200,11 +197,6 @@ class Engine:
 
     def plan(self, slide: Any) -> SlidePlan:
         """Tissue mask and patch grid of an open slide (no pixels beyond the thumbnail are read)."""
-        import time
-
-        from gpfm_engine.grid import make_grid
-        from gpfm_engine.tissue import segment_tissue
-
         t0 = time.perf_counter()
         mask = segment_tissue(slide, self.tissue_params)
         grid = make_grid(slide, mask, self.grid_params)
@@ -215,8 +207,6 @@ class Engine:
 
     def gather_for(self, plan: SlidePlan):
         """The gather kernel set up for this slide's read level, patch size and the model's input."""
-        from gpfm_engine.gather import PatchGather
-
         level = int(plan.grid.read_level)
         return PatchGather(plan.layout, level, float(plan.grid.patch_size_read), self.cfg.input_size,
                            self.cfg.mean, self.cfg.std, self.backend.input_dtype,
@@ -262,8 +252,6 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def iter_batches(self, path_or_slide: Any, mpp: float | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Stream (coords int64 [n, 2], features [n, D] on the device) batch by batch."""
-        from gpfm_engine.pipeline import stream_slide
-
         slide = self.open(path_or_slide, mpp)
         try:
             plan = self.plan(slide)
@@ -275,8 +263,6 @@ class Engine:
 
     def embed_slide(self, path_or_slide: Any, mpp: float | None = None) -> SlideEmbedding:
         """All kept patches of a slide: features on the engine's device, coords, and the meta."""
-        from gpfm_engine.pipeline import stream_slide
-
         slide = self.open(path_or_slide, mpp)
         try:
             plan = self.plan(slide)
@@ -296,8 +282,6 @@ class Engine:
         """Features of tiles given as uint8 RGB: an [N, H, W, 3] / [H, W, 3] array or tensor (CPU or
         CUDA), a PIL image, or a sequence of those. Each tile is resampled to the model input with
         the same antialiased bicubic as slide patches, then normalized with the model's mean/std."""
-        from gpfm_engine.pipeline import embed_images
-
         return embed_images(self, _as_uint8_batches(images))
 
 
