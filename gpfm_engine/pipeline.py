@@ -559,6 +559,8 @@ class Extraction:
             self.reporter.close()
             if self.runlog is not None:
                 self.runlog.flush(finished=True)
+        order = {job.name: i for i, job in enumerate(jobs)}
+        self.records.sort(key=lambda r: order.get(r.name, len(order)))  # the summary in input order
         self.reporter.run_finished(self.records, time.perf_counter() - t_run)
         return self.records
 

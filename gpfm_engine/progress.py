@@ -9,6 +9,7 @@ nothing (``--quiet``; failures are still printed by the CLI).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import IO, Any, Sequence
@@ -71,8 +72,11 @@ class RichReporter(Reporter):
         )
         self.slides: TaskID | None = None
         self.patches: TaskID | None = None
+        self._handlers: list[logging.Handler] = []
+        self._muted: list[logging.Handler] = []
 
     def run_started(self, total_slides: int, info: dict[str, Any]) -> None:
+        self._route_logging()
         self.progress.start()
         self.slides = self.progress.add_task("slides", total=total_slides, current="")
         self.patches = self.progress.add_task("patches", total=None, current="")
@@ -96,6 +100,25 @@ class RichReporter(Reporter):
 
     def close(self) -> None:
         self.progress.stop()
+        root = logging.getLogger()
+        for handler in self._handlers:
+            root.removeHandler(handler)
+        for handler in self._muted:
+            root.addHandler(handler)
+        self._handlers, self._muted = [], []
+
+    def _route_logging(self) -> None:
+        """Show log records above the live bars (a plain stderr handler would tear them apart)."""
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        self._muted = [h for h in root.handlers if type(h) is logging.StreamHandler]
+        for handler in self._muted:
+            root.removeHandler(handler)
+        level = min((h.level for h in self._muted), default=logging.WARNING)
+        handler = RichHandler(console=self.console, level=level, show_time=False, show_path=False)
+        root.addHandler(handler)
+        self._handlers = [handler]
 
 
 class JsonReporter(Reporter):
