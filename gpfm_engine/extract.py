@@ -84,10 +84,11 @@ def run_extract(req: ExtractRequest, reporter=None) -> int:
                     precision=req.precision, batch_size=req.batch_size, workers=req.workers,
                     on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
                     patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
-    if not req.dry_run:
-        engine.backend  # load the weights once, before any slide: a missing file is a usage error
-    names = store.assign_names([i.path for i in inputs])
-    jobs = [SlideJob(i, n, source_fingerprint(i.path)) for i, n in zip(inputs, names)]
+    if not req.dry_run:  # load the weights before any slide: a missing file is a usage error
+        log.info("backend: %s", engine.backend.describe())
+    fingerprints = [source_fingerprint(i.path) for i in inputs]
+    names = store.assign_names([i.path for i in inputs], fingerprints)
+    jobs = [SlideJob(i, n, fp) for i, n, fp in zip(inputs, names, fingerprints)]
     runlog = None if req.dry_run else RunLog(store.root, {"argv": sys.argv, "model": req.model,
                                                           "out": str(req.out), "slides_requested": len(jobs)})
     options = RunOptions(overwrite=req.overwrite, dry_run=req.dry_run,

@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -224,17 +224,19 @@ class FeatureStore:
             raise OutputError(self.root, f"output folder is not writable ({exc.strerror or exc})") from exc
 
     # --- names
-    def assign_names(self, paths: Iterable[Path]) -> list[str]:
+    def assign_names(self, paths: Sequence[Path], fingerprints: Sequence[str] | None = None) -> list[str]:
         """One output name per slide path, in order: the file stem, made unique.
 
         A stem already used by an earlier slide of this run, or by an existing output that came
-        from a different file (different ``source_fingerprint``), gets ``-<8 hex>`` of this file's
-        fingerprint appended. The rule is deterministic, so a rerun finds the same names.
+        from a different file (different ``source_fingerprint``, computed here unless given), gets
+        ``-<8 hex>`` of this file's fingerprint appended. The rule is deterministic, so a rerun
+        finds the same names.
         """
+        if fingerprints is None:
+            fingerprints = [source_fingerprint(p) for p in paths]
         used: set[str] = set()
         names: list[str] = []
-        for path in paths:
-            fp = source_fingerprint(path)
+        for path, fp in zip(paths, fingerprints):
             stem = slide_stem(path)
             for candidate in (stem, f"{stem}-{fp[:8]}", f"{stem}-{fp[:16]}"):
                 if candidate not in used and self._name_free_for(candidate, fp):
