@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from gpfm_engine.errors import GpfmError
+
+log = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = frozenset({
     ".svs", ".tif", ".tiff", ".btf", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
@@ -121,8 +124,11 @@ def collect_slides(specs: Iterable[str | Path], recursive: bool = False) -> list
         elif path.suffix.lower() == ".csv" and path.is_file():
             found.extend(read_csv(path))
         elif _is_glob(text) and not path.exists():
-            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
-            found.extend(SlideInput(Path(m)) for m in matches if Path(m).is_file() and is_slide_file(Path(m)))
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
+            slides = [SlideInput(m) for m in matches if m.is_file() and is_slide_file(m)]
+            if not slides:
+                log.warning("%s: the pattern matches no slide file", text)
+            found.extend(slides)
         else:
             found.append(SlideInput(path))
     return _dedupe(found)
