@@ -59,7 +59,7 @@ def wrap(student: nn.Module, teacher: nn.Module, strategy: str) -> nn.Module:
         device_ids = [student_device(student).index] if student_device(student).type == "cuda" else None
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(student, device_ids=device_ids)  # the student has no buffers
     from torch.distributed.fsdp import fully_shard  # FSDP2 (torch >= 2.6)
 
     # Student: reshard_after_forward=False keeps gathered parameters until backward (ZeRO-2, the
