@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
-# An owner refreshes its lock at least this often while it works (see ``SlideLock.refresh``).
+# An owner refreshes its locks this often while it holds them (see ``SlideLock.refresh``).
 REFRESH_EVERY_S = 30.0
 # A lock untouched for this long belongs to a process that stopped (crashed host, lost mount).
 STALE_AFTER_S = 600.0
@@ -129,24 +129,27 @@ class SlideLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._last_refresh = time.monotonic()
+        self.released = False
 
     def refresh(self) -> None:
-        """Touch the lock so other processes keep seeing a live owner (cheap; throttled)."""
-        now = time.monotonic()
-        if now - self._last_refresh < REFRESH_EVERY_S:
+        """Touch the lock so other hosts keep seeing a live owner (the pipeline's heartbeat calls
+        this every ``REFRESH_EVERY_S``); a lock another process took over is left alone."""
+        if self.released or not self._ours():
             return
-        self._last_refresh = now
         try:
             os.utime(self.path)
-        except OSError as exc:  # lost mount or taken over: the write path will notice on rename
+        except OSError as exc:  # lost mount: the slide's outputs are still published atomically
             log.warning("cannot refresh lock %s: %s", self.path, exc)
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a takeover after a long stall leaves it alone)."""
-        owner = read_owner(self.path)
-        if owner is not None and owner.host == HOST and owner.pid == os.getpid():
+        if not self.released and self._ours():
             _unlink_quiet(self.path)
+        self.released = True
+
+    def _ours(self) -> bool:
+        owner = read_owner(self.path)
+        return owner is not None and owner.host == HOST and owner.pid == os.getpid()
 
     def __enter__(self) -> "SlideLock":
         return self

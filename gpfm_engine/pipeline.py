@@ -425,6 +425,36 @@ class _Writer:
         self.thread.join()
 
 
+class _Heartbeat:
+    """Refreshes every slide lock this run holds, including those of slides waiting in the prefetch
+    queue, so that no other host ever mistakes a live lock for a stale one."""
+
+    def __init__(self, every_s: float = locks.REFRESH_EVERY_S) -> None:
+        self.every_s = every_s
+        self._held: list[locks.SlideLock] = []
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpfm-heartbeat", daemon=True)
+        self._thread.start()
+
+    def hold(self, lock: locks.SlideLock) -> locks.SlideLock:
+        with self._mutex:
+            self._held.append(lock)
+        return lock
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with self._mutex:
+                self._held = [lock for lock in self._held if not lock.released]
+                held = list(self._held)
+            for lock in held:
+                lock.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Extraction:
     """One ``gpfm-engine extract`` run over many slides (see the module docstring)."""
 
@@ -434,6 +464,7 @@ class Extraction:
         self.options = options or RunOptions()
         self.records: list[SlideRecord] = []
         self._stop = threading.Event()
+        self._heartbeat: _Heartbeat | None = None
 
     # --- the prefetch stage (runs in its own thread)
     def _prepare(self, job: SlideJob) -> _Prepared | SlideRecord:
@@ -452,6 +483,8 @@ class Extraction:
             if decision.action is Action.REFUSE:
                 return record(Status.REFUSED, error=decision.reason)
             lock = self.store.lock(job.name)
+            if lock is not None and self._heartbeat is not None:
+                self._heartbeat.hold(lock)
             if lock is None:
                 owner = locks.holder(self.store.paths(job.name).lock)
                 return record(Status.BUSY, detail=f"locked by {owner.describe() if owner else 'another process'}")
@@ -531,6 +564,7 @@ class Extraction:
         prefetcher = threading.Thread(target=self._prefetch, args=(jobs, prepared), name="gpfm-prefetch", daemon=True)
         writer = None if self.options.dry_run else _Writer(self.store, self.options.pipeline.writer_queue)
         pool = ThreadPoolExecutor(self.engine.workers, thread_name_prefix="gpfm-decode")
+        self._heartbeat = _Heartbeat()
         prefetcher.start()
         try:
             while True:
@@ -556,6 +590,7 @@ class Extraction:
                 writer.close()
                 self._drain(writer)
             pool.shutdown(wait=True)
+            self._heartbeat.close()
             self.reporter.close()
             if self.runlog is not None:
                 self.runlog.flush(finished=True)
@@ -578,7 +613,6 @@ class Extraction:
                 writer.put("rows", batch.coords, to_host_async(batch.features))
                 record.patches += len(batch.coords)
                 record.tiles_skipped += batch.tiles_skipped
-                item.lock.refresh()
                 self.reporter.batch_done(job.name, len(batch.coords))
                 self._drain(writer)
             if plan.num_patches == 0:

@@ -116,3 +116,29 @@ def test_no_patches_and_early_stop_leave_no_threads(engine: Engine, slide_factor
         break  # the consumer walks away after one batch
     leftover = [t.name for t in threading.enumerate() if t.name not in before and t.name.startswith("gpfm")]
     assert not leftover
+
+
+def test_heartbeat_keeps_held_locks_fresh(tmp_path: Path) -> None:
+    """Locks of slides waiting in the prefetch queue must not look stale to other hosts."""
+    import os
+    import time
+
+    from gpfm_engine import locks
+    from gpfm_engine.pipeline import _Heartbeat
+
+    held, done = locks.try_lock(tmp_path / "a.lock"), locks.try_lock(tmp_path / "b.lock")
+    old = time.time() - locks.STALE_AFTER_S - 1
+    os.utime(held.path, (old, old))
+    beat = _Heartbeat(every_s=0.02)
+    try:
+        beat.hold(held)
+        beat.hold(done)
+        done.release()
+        deadline = time.monotonic() + 10
+        while locks.is_stale(held.path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not locks.is_stale(held.path)
+        assert not done.path.exists()  # a released lock is never touched (or recreated)
+    finally:
+        beat.close()
+        held.release()
