@@ -70,7 +70,7 @@ def run_extract(req: ExtractRequest, reporter=None) -> int:
     from gpfm_engine.inputs import collect_slides
     from gpfm_engine.pipeline import Extraction, RunOptions, SlideJob
     from gpfm_engine.runlog import RunLog
-    from gpfm_engine.store import FeatureStore, source_fingerprint
+    from gpfm_engine.store import FeatureStore
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     inputs = collect_slides(req.slides, recursive=req.recursive)
@@ -86,9 +86,8 @@ def run_extract(req: ExtractRequest, reporter=None) -> int:
                     patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
     if not req.dry_run:  # load the weights before any slide: a missing file is a usage error
         log.info("backend: %s", engine.backend.describe())
-    fingerprints = [source_fingerprint(i.path) for i in inputs]
-    names = store.assign_names([i.path for i in inputs], fingerprints)
-    jobs = [SlideJob(i, n, fp) for i, n, fp in zip(inputs, names, fingerprints)]
+    names = store.assign_names([i.path for i in inputs])
+    jobs = [SlideJob(i, n) for i, n in zip(inputs, names)]
     runlog = None if req.dry_run else RunLog(store.root, {"argv": sys.argv, "model": req.model,
                                                           "out": str(req.out), "slides_requested": len(jobs)})
     options = RunOptions(overwrite=req.overwrite, dry_run=req.dry_run,

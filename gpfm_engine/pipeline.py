@@ -22,6 +22,7 @@ slides. Every queue ends with a sentinel and every thread is joined in ``finally
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -38,7 +39,7 @@ from gpfm_engine import locks
 from gpfm_engine.cuda_stream import on_engine_stream, to_host_async
 from gpfm_engine.errors import GpfmError, TileDecodeError
 from gpfm_engine.runlog import SlideRecord, Status
-from gpfm_engine.store import Action, FeatureStore
+from gpfm_engine.store import Action, FeatureStore, source_fingerprint
 
 if TYPE_CHECKING:
     from gpfm_engine.engine import Engine, SlidePlan
@@ -324,15 +325,19 @@ def embed_images(engine: "Engine", groups: Sequence[tuple[np.ndarray, torch.Tens
 
 @dataclass
 class SlideJob:
-    """One slide of a run: where it is, what its outputs are called, its per-slide µm/px."""
+    """One slide of a run: where it is (with its per-slide µm/px) and what its outputs are called."""
 
     input: "SlideInput"
     name: str
-    fingerprint: str
 
     @property
     def path(self) -> Path:
         return self.input.path
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The slide file's identity, recorded in its outputs (computed when first needed)."""
+        return source_fingerprint(self.path)
 
 
 @dataclass

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -155,6 +156,26 @@ def source_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def _name_candidates(stem: str, fingerprint: Callable[[], str]) -> Iterator[str]:
+    yield stem
+    yield f"{stem}-{fingerprint()[:8]}"
+    for k in itertools.count(2):
+        yield f"{stem}-{fingerprint()[:8]}-{k}"
+
+
+class _Lazy:
+    """A value computed on first call, then remembered."""
+
+    def __init__(self, compute: Callable[[], str]) -> None:
+        self._compute = compute
+        self._value: str | None = None
+
+    def __call__(self) -> str:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+
 # ----------------------------------------------------------------------------- decisions
 
 
@@ -224,35 +245,31 @@ class FeatureStore:
             raise OutputError(self.root, f"output folder is not writable ({exc.strerror or exc})") from exc
 
     # --- names
-    def assign_names(self, paths: Sequence[Path], fingerprints: Sequence[str] | None = None) -> list[str]:
+    def assign_names(self, paths: Sequence[Path]) -> list[str]:
         """One output name per slide path, in order: the file stem, made unique.
 
         A stem already used by an earlier slide of this run, or by an existing output that came
-        from a different file (different ``source_fingerprint``, computed here unless given), gets
-        ``-<8 hex>`` of this file's fingerprint appended. The rule is deterministic, so a rerun
-        finds the same names.
+        from a different file (different ``source_fingerprint``), gets ``-<8 hex>`` of this file's
+        fingerprint appended. The rule is deterministic, so a rerun finds the same names. Files are
+        fingerprinted only when a name is contested (a 10,000-slide cohort on a network share is
+        not read twice before the run starts); identical copies of one file get a counter too.
         """
-        if fingerprints is None:
-            fingerprints = [source_fingerprint(p) for p in paths]
         used: set[str] = set()
         names: list[str] = []
-        for path, fp in zip(paths, fingerprints):
-            stem = slide_stem(path)
-            for candidate in (stem, f"{stem}-{fp[:8]}", f"{stem}-{fp[:16]}"):
-                if candidate not in used and self._name_free_for(candidate, fp):
-                    break
-            else:  # pragma: no cover - needs a 64-bit fingerprint collision
-                raise OutputError(self.root, f"cannot find a free output name for {path}")
-            used.add(candidate)
-            names.append(candidate)
+        for path in paths:
+            fingerprint = _Lazy(lambda p=path: source_fingerprint(p))
+            name = next(c for c in _name_candidates(slide_stem(path), fingerprint)
+                        if c not in used and self._name_free_for(c, fingerprint))
+            used.add(name)
+            names.append(name)
         return names
 
-    def _name_free_for(self, name: str, fingerprint: str) -> bool:
+    def _name_free_for(self, name: str, fingerprint: Callable[[], str]) -> bool:
         attrs = self.read_attrs(name)
         if attrs is None:
             return True
         recorded = attrs.get("source_fingerprint")
-        return recorded is None or recorded == fingerprint
+        return recorded is None or recorded == fingerprint()
 
     # --- reading back
     def read_attrs(self, name: str) -> dict[str, Any] | None:

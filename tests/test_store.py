@@ -121,9 +121,11 @@ def test_names_are_unique_and_stable(tmp_path: Path) -> None:
     (a / "y.ome.tif").write_bytes(b"three")
     store = FeatureStore(tmp_path / "out")
     store.prepare()
-    names = store.assign_names([a / "x.svs", b / "x.svs", a / "y.ome.tif"])
-    assert names[0] == "x" and names[1].startswith("x-") and names[2] == "y"
-    assert store.assign_names([a / "x.svs", b / "x.svs", a / "y.ome.tif"]) == names
+    (b / "copy").mkdir()
+    (b / "copy" / "x.svs").write_bytes(b"two")  # an identical copy of b/x.svs
+    names = store.assign_names([a / "x.svs", b / "x.svs", a / "y.ome.tif", b / "copy" / "x.svs"])
+    assert names[0] == "x" and names[1].startswith("x-") and names[2] == "y" and names[3] == names[1] + "-2"
+    assert store.assign_names([a / "x.svs", b / "x.svs", a / "y.ome.tif", b / "copy" / "x.svs"]) == names
     # an existing output of a/x.svs keeps b/x.svs away from the name "x", even run alone
     w = store.open_writer("x", 2)
     w.commit(dict(ATTRS, source_fingerprint=source_fingerprint(a / "x.svs")), RECIPE)
