@@ -82,7 +82,8 @@ def build_data(cfg: dict, patch_size: int, rank: int, world: int, start: int, ou
     augment = MultiCropAugmentation(
         crops["global_crops_size"], crops["local_crops_size"], crops["local_crops_number"],
         tuple(crops["global_crops_scale"]), tuple(crops["local_crops_scale"]), *mean_std,
-        jitter=tuple(crops["color_jitter"]), jitter_prob=crops["color_jitter_prob"], grayscale_prob=crops["grayscale_prob"])
+        jitter=tuple(crops["color_jitter"]), jitter_prob=crops["color_jitter_prob"], grayscale_prob=crops["grayscale_prob"],
+        solarize_prob=crops["solarize_prob"])
     grid = crops["global_crops_size"] // patch_size
     collate = MultiCropCollate((grid, grid), ibot["mask_sample_probability"], tuple(ibot["mask_ratio_min_max"]), train["seed"])
     loader = build_loader(catalog, augment, collate, train["batch_size_per_gpu"], train["seed"], rank, world, start,

@@ -3,7 +3,7 @@
 Per image: 2 global crops and ``n_local`` local crops. Each crop: RandomResizedCrop (bicubic,
 ratio 3/4..4/3, torchvision's sampling rule), horizontal flip p=0.5, ColorJitter p (random order
 of brightness, contrast, saturation, hue, as torchvision), grayscale p; then Gaussian blur p=1.0
-on global crop 1; blur p=0.1 and solarise p=0.2 on global crop 2; blur p=0.5 on local crops
+on global crop 1; blur p=0.1 and solarise p=0.2 (configurable) on global crop 2; blur p=0.5 on local crops
 (DINOv2 ``data/augmentations.py``, unchanged in GPFM). All randomness comes from one
 ``random.Random`` per sample, so a crop set is a pure function of the sample seed.
 """
@@ -83,6 +83,7 @@ class MultiCropAugmentation:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
+    solarize_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def _crop(self, img: Image.Image, size: int, scale: Sequence[float], blur_p: float, solarize_p: float,
@@ -103,6 +104,6 @@ class MultiCropAugmentation:
     def __call__(self, img: Image.Image, rng: random.Random) -> dict[str, list[torch.Tensor]]:
         img = img.convert("RGB")
         global_crops = [self._crop(img, self.global_size, self.global_scale, 1.0, 0.0, rng),
-                        self._crop(img, self.global_size, self.global_scale, 0.1, 0.2, rng)]
+                        self._crop(img, self.global_size, self.global_scale, 0.1, self.solarize_prob, rng)]
         local_crops = [self._crop(img, self.local_size, self.local_scale, 0.5, 0.0, rng) for _ in range(self.n_local)]
         return {"global_crops": global_crops, "local_crops": local_crops}
