@@ -201,8 +201,9 @@ class _BatchLoader:
         size = engine.cfg.input_size
         shape = (engine.batch_size, 3, size, size)
         self.free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(max(1, options.batches_in_flight)):
-            self.free.put(torch.empty(shape, dtype=engine.backend.input_dtype, device=engine.device))
+        with on_engine_stream(engine.device):  # buffers belong to the stream that uses them
+            for _ in range(max(1, options.batches_in_flight)):
+                self.free.put(torch.empty(shape, dtype=engine.backend.input_dtype, device=engine.device))
         self.ready: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="gpfm-loader", daemon=True)
