@@ -286,12 +286,12 @@ def stream_slide(engine: "Engine", plan: "SlidePlan", pool: ThreadPoolExecutor |
     try:
         for item in loader:
             n = len(item.coords)
+            keep = ~item.drop
             with on_engine_stream(engine.device):
                 features = backend.run(item.buffer[:n])
+                if not keep.all():
+                    features = features[torch.from_numpy(keep).to(features.device)]
             loader.recycle(item.buffer)
-            keep = ~item.drop
-            if not keep.all():
-                features = features[torch.from_numpy(keep).to(features.device)]
             yield Batch(item.coords[keep], hand_over(features), item.tiles_skipped)
     finally:
         loader.close()
