@@ -13,7 +13,9 @@ CRC-VAL-HE-7K comes from other patients than NCT-CRC-HE-100K, and Kather 2016 fr
 cohort. Labels: the NCT/CRC-VAL file-name prefix; Kather 2016 folders mapped to the same names
 (TUMOR->TUM, STROMA->STR, LYMPHO->LYM, DEBRIS->DEB, MUCOSA->NORM, ADIPOSE->ADI); classes absent
 from CRC-VAL (BACK, Kather's COMPLEX and EMPTY) are left out. Every image is resized to the
-model's input size (bicubic). Compared feature sets: the trained weights, the same architecture
+model's input size (bicubic) and, by default, seen in its 8 rotations/flips: the views of one
+source image are always on the same side of a split (trained on together; at test time their
+class probabilities are averaged into one prediction per image). Compared feature sets: the trained weights, the same architecture
 with random weights (registry initialisation, and the LayerScale-1.0 start of the tiny run), and
 colour statistics (per RGB channel: mean, std, 5/25/50/75/95th percentiles). Reported: balanced
 accuracy (held-out splits: with a 1000x bootstrap std over test images; CV: mean and std over
@@ -26,6 +28,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,6 +68,14 @@ def load_sets(root: Path) -> dict[str, Labelled]:
     return {name: Labelled([p for p, _ in items], [lab for _, lab in items]) for name, items in (("A", group_a), ("B", test_b))}
 
 
+def dihedral_views(img: Image.Image, n_views: int) -> list[Image.Image]:
+    """The first ``n_views`` of the 8 rotations/flips of an image (label-preserving in histology)."""
+    ops = [None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+           Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.TRANSPOSE, Image.Transpose.FLIP_TOP_BOTTOM,
+           Image.Transpose.TRANSVERSE]
+    return [img if op is None else img.transpose(op) for op in ops[:n_views]]
+
+
 def colour_features(images: Sequence[Image.Image]) -> np.ndarray:
     rows = []
     for im in images:
@@ -88,11 +99,17 @@ def model_features(model: torch.nn.Module, images: Sequence[Image.Image], batch:
 
 
 def _fit_predict(train_x: np.ndarray, train_y: Sequence[str], test_x: np.ndarray, c: float) -> np.ndarray:
+    """Fit on every view of the training images ``[n, V, D]``; an image's prediction averages the
+    class probabilities of its views ``[m, V, D]``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=10000)).fit(train_x, train_y).predict(test_x)
+    n_views, dim = train_x.shape[1], train_x.shape[2]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=10000))
+    clf.fit(train_x.reshape(-1, dim), np.repeat(np.asarray(train_y), n_views))
+    proba = clf.predict_proba(test_x.reshape(-1, dim)).reshape(test_x.shape[0], test_x.shape[1], -1).mean(1)
+    return clf.classes_[proba.argmax(1)]
 
 
 def probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: list[str], c: float, seed: int = 0) -> dict:
@@ -103,10 +120,12 @@ def probe(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: l
     y = np.asarray(test_y)
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(1000):
-        idx = rng.integers(0, len(y), len(y))
-        if len(set(y[idx])) > 1:
-            boots.append(balanced_accuracy_score(y[idx], pred[idx]))
+    with warnings.catch_warnings():  # a resample may miss a class that was predicted: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(1000):
+            idx = rng.integers(0, len(y), len(y))
+            if len(set(y[idx])) > 1:
+                boots.append(balanced_accuracy_score(y[idx], pred[idx]))
     return {"balanced_accuracy": float(balanced_accuracy_score(y, pred)), "bootstrap_std": float(np.std(boots)),
             "macro_f1": float(f1_score(y, pred, average="macro"))}
 
@@ -144,14 +163,15 @@ def feature_sets(weights: Path | None) -> dict[str, Callable[[Sequence[Image.Ima
     }
 
 
-def run(data: Path, weights: Path | None) -> dict:
+def run(data: Path, weights: Path | None, n_views: int = 8) -> dict:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     sets = load_sets(data)
-    images = {k: [Image.open(p).convert("RGB") for p in v.paths] for k, v in sets.items()}
-    results: dict = {"data": str(data), "n": {k: len(v.paths) for k, v in sets.items()},
+    images = {k: [view for p in v.paths for view in dihedral_views(Image.open(p).convert("RGB"), n_views)]
+              for k, v in sets.items()}
+    results: dict = {"data": str(data), "n": {k: len(v.paths) for k, v in sets.items()}, "views_per_image": n_views,
                      "classes": sorted(set(sets["B"].labels)), "splits": {}}
     for name, features in feature_sets(weights).items():
-        feats = {k: features(v) for k, v in images.items()}
+        feats = {k: (f := features(v)).reshape(len(v) // n_views, n_views, f.shape[-1]) for k, v in images.items()}
         for split, (tr, te) in {"A->B": ("A", "B"), "B->A": ("B", "A")}.items():
             results["splits"].setdefault(split, {})[name] = {
                 f"C={c}": probe(feats[tr], sets[tr].labels, feats[te], sets[te].labels, c) for c in C_VALUES}
@@ -179,9 +199,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.linear_probe", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the three patch sets")
     p.add_argument("--weights", type=Path, default=None, help="gpfm-tiny weights (default: the packaged file)")
+    p.add_argument("--views", type=int, default=8, choices=range(1, 9), metavar="1..8",
+                   help="rotations/flips per image: all train on the same side of a split, test averages them")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    results = run(args.data, args.weights)
+    results = run(args.data, args.weights, args.views)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(to_markdown(results))
