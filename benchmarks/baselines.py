@@ -18,6 +18,7 @@ torchvision's math (PIL resize on the image; /255 then (x - mean) / std in float
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -74,6 +75,19 @@ class OpenSlidePatches(torch.utils.data.Dataset):
         x, y = (int(v) for v in self.coords[i])
         img = self._slide.read_region((x, y), self.level, (self.read_size, self.read_size)).convert("RGB")
         return self.transform(img)
+
+
+class TimedModel:
+    """Calls ``model`` and adds the seconds spent in it to ``seconds`` (the model's share of a run)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.model(batch).float()
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 @torch.inference_mode()
