@@ -8,7 +8,8 @@
     releases the GIL) and transformed on a thread pool, stacked, and fed to the same model.
 
 Both read ``read_size`` px at ``level`` at the engine's level-0 coordinates, so the pixels that
-reach the model are those the engine gathers, and run the same model at the same precision. The
+reach the model are those the engine gathers, and run the same model at the same precision (on
+``device``: batches are copied there, from pinned memory in the CLAM-style loader, as CLAM does). The
 thread budget is shared: ``num_workers`` / pool size = the engine's thread count, and the torch
 intra-op threads are set to the same number by the caller.
 
@@ -86,23 +87,26 @@ class TimedModel:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.model(batch).float()
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         self.seconds += time.perf_counter() - t0
         return out
 
 
 @torch.inference_mode()
 def clam_style(path, coords: np.ndarray, level: int, read_size: int, model: torch.nn.Module, transform: Transform,
-               batch_size: int = 64, num_workers: int = 2) -> torch.Tensor:
+               batch_size: int = 64, num_workers: int = 2, device: str = "cpu") -> torch.Tensor:
     """Baseline (a): DataLoader workers doing per-patch ``read_region`` + PIL transforms; eager model."""
     loader = torch.utils.data.DataLoader(OpenSlidePatches(path, coords, level, read_size, transform),
                                          batch_size=batch_size, num_workers=num_workers,
-                                         persistent_workers=False)
-    return torch.cat([model(batch).float() for batch in loader]) if len(coords) else torch.empty(0)
+                                         pin_memory=device != "cpu", persistent_workers=False)
+    out = [model(batch.to(device, non_blocking=True)).float() for batch in loader]
+    return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.inference_mode()
 def trident_style(path, coords: np.ndarray, level: int, read_size: int, model: torch.nn.Module,
-                  transform: Transform, batch_size: int = 64, threads: int = 2) -> torch.Tensor:
+                  transform: Transform, batch_size: int = 64, threads: int = 2, device: str = "cpu") -> torch.Tensor:
     """Baseline (b): per batch, regions read and transformed on a thread pool, then the eager model."""
     out = []
     with openslide.OpenSlide(str(path)) as slide, ThreadPoolExecutor(threads) as pool:
@@ -113,5 +117,5 @@ def trident_style(path, coords: np.ndarray, level: int, read_size: int, model: t
 
         for start in range(0, len(coords), batch_size):
             batch = torch.stack(list(pool.map(load, coords[start : start + batch_size])))
-            out.append(model(batch).float())
+            out.append(model(batch.to(device)).float())
     return torch.cat(out) if out else torch.empty(0)

@@ -31,7 +31,8 @@ GOAL = 3.0
 BATCH_SIZE = 64
 # The engine's default CPU backend (torch eager, like the baselines' model) and ONNX Runtime on the
 # same weights at fp32: the first isolates the data path, the second is the engine's best CPU path.
-ENGINE_BACKENDS = ("torch", "onnx")
+# On the GPU suite only torch (the GPU backends are compared in benchmarks/gpu_check.py).
+ENGINE_BACKENDS = {"cpu": ("torch", "onnx"), "gpu": ("torch",)}
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -64,7 +65,7 @@ def run(ctx: BenchContext) -> list[Result]:
     weights = None if choice.weights is None else str(choice.weights)
     engines = {backend: Engine(model=choice.name, weights=weights, device=ctx.device, backend=backend,
                                precision="fp32", batch_size=BATCH_SIZE, workers=ctx.threads)
-               for backend in ENGINE_BACKENDS}
+               for backend in ENGINE_BACKENDS[ctx.suite]}
     first = {backend: e.embed_slide(slide) for backend, e in engines.items()}  # also builds/exports the backends
     ref = first["torch"]
     coords = _numpy(ref.coords).astype(np.int64)
@@ -76,13 +77,15 @@ def run(ctx: BenchContext) -> list[Result]:
     transform = baselines.pil_transform(model.cfg)
 
     def clam() -> torch.Tensor:
-        return baselines.clam_style(slide, coords, level, read_size, model, transform, BATCH_SIZE, ctx.threads)
+        return baselines.clam_style(slide, coords, level, read_size, model, transform, BATCH_SIZE, ctx.threads,
+                                    ctx.device)
 
     trident_model_s: list[float] = []  # per call: seconds inside the model (the rest is its data path)
 
     def trident() -> torch.Tensor:
         timed = baselines.TimedModel(model)
-        out = baselines.trident_style(slide, coords, level, read_size, timed, transform, BATCH_SIZE, ctx.threads)
+        out = baselines.trident_style(slide, coords, level, read_size, timed, transform, BATCH_SIZE, ctx.threads,
+                                      ctx.device)
         trident_model_s.append(timed.seconds)
         return out
 

@@ -44,6 +44,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,10 +149,19 @@ class Skipped:
 Result = Comparison | Skipped
 
 
+def _sync_device() -> None:
+    """Wait for queued CUDA work (GPU calls return early); a no-op where torch/CUDA is not in use."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
     gc.collect()  # outside the timed region: neither side pays for the other's garbage
+    _sync_device()
     t0 = clock()
     fn()
+    _sync_device()
     return clock() - t0
 
 
