@@ -40,6 +40,14 @@ def _last_metrics(run_dir: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def _wall_seconds(run_dir: Path) -> float | None:
+    """First to last logged row of metrics.jsonl (rows carry ``time``; resumed runs include the pause)."""
+    path = run_dir / "metrics.jsonl"
+    times = [json.loads(ln).get("time") for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    times = [t for t in times if t is not None]
+    return round(times[-1] - times[0], 1) if len(times) > 1 else None
+
+
 def _run_info(run_dir: Path) -> dict | None:
     path = run_dir / "run_info.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -60,14 +68,15 @@ def export(ckpt_path: Path, out: Path, dtype: str = "fp32") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "model": model_cfg.name, "producer": "training.export"})
+    tmp.chmod(0o644)  # safetensors writes owner-only; a packaged file must be readable by all
     tmp.replace(out)
     run_dir = ckpt_path.resolve().parent.parent
     recipe = {
-        "model": model_cfg.name, "arch": dict(model_cfg.arch) | cfg["model"]["arch"],
+        "model": model_cfg.name, "arch": dict(model_cfg.arch), "training_arch_overrides": cfg["model"]["arch"],
         "weights_file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "dtype": dtype,
         "source_checkpoint": str(ckpt_path), "iteration": ckpt["iteration"], "samples_seen": ckpt["data_position"],
         "what": "EMA teacher backbone of a self-distillation run of training/ (python -m training.train)",
-        "run": _run_info(run_dir), "last_logged_losses": _last_metrics(run_dir),
+        "run": _run_info(run_dir), "last_logged_losses": _last_metrics(run_dir), "wall_seconds": _wall_seconds(run_dir),
         "export_git_sha": git_sha(), "config": cfg,
     }
     out.with_suffix(".json").write_text(json.dumps(recipe, indent=2) + "\n")

@@ -123,11 +123,11 @@ class MetricsLog:
         self.history.append({"iteration": iteration, **{k: float(v) for k, v in local.items()}})
         if not write:
             return
-        row = {"iteration": iteration, **distributed.all_reduce_mean(local), **extra}
+        row = {"iteration": iteration, "time": round(time.time(), 3), **distributed.all_reduce_mean(local), **extra}
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        log.info("it %d  %s", iteration, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "iteration"))
+        log.info("it %d  %s", iteration, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("iteration", "time")))
 
 
 def do_train(cfg: dict, model: DistillMetaArch, optimizer, scaler, schedules: Schedules, loader: Iterable,
