@@ -84,6 +84,7 @@ def test_export_round_trip_loads_strictly_and_matches_the_teacher(smoke_slide: P
     recipe = export(ckpt_path, tmp_path / "tiny.safetensors")
     assert recipe["iteration"] == 1 and len(recipe["sha256"]) == 64
     assert json.loads((tmp_path / "tiny.json").read_text())["sha256"] == recipe["sha256"]
+    assert export(ckpt_path, tmp_path / "again.safetensors")["sha256"] == recipe["sha256"]  # byte-reproducible
     loaded = load_model("gpfm-tiny", weights=tmp_path / "tiny.safetensors")  # strict loader
     cfg = load_checkpoint(ckpt_path)["config"]
     teacher = DistillMetaArch(cfg).teacher.backbone.eval()

@@ -67,7 +67,9 @@ def export(ckpt_path: Path, out: Path, dtype: str = "fp32") -> dict:
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "model": model_cfg.name, "producer": "training.export"})
+    # One metadata key only: safetensors writes the metadata map in hash order, so more keys would
+    # make two exports of the same tensors differ in bytes (and in sha256). The recipe says the rest.
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.chmod(0o644)  # safetensors writes owner-only; a packaged file must be readable by all
     tmp.replace(out)
     run_dir = ckpt_path.resolve().parent.parent
