@@ -78,7 +78,12 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, values: dict[str, fl
 def build_data(cfg: dict, patch_size: int, rank: int, world: int, start: int, output_dir: Path,
                mean_std: tuple) -> tuple[Iterable, TileCatalog]:
     crops, ibot, train = cfg["crops"], cfg["ibot"], cfg["train"]
+    # Rank 0 builds the catalog first (it may synthesize slides into the cache); the others follow.
+    if not distributed.is_main():
+        distributed.barrier()
     catalog = build_catalog(cfg["data"], output_dir / "cache")
+    if distributed.is_main():
+        distributed.barrier()
     augment = MultiCropAugmentation(
         crops["global_crops_size"], crops["local_crops_size"], crops["local_crops_number"],
         tuple(crops["global_crops_scale"]), tuple(crops["local_crops_scale"]), *mean_std,
@@ -124,9 +129,10 @@ class MetricsLog:
         if not write:
             return
         row = {"iteration": iteration, "time": round(time.time(), 3), **distributed.all_reduce_mean(local), **extra}
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.path is None:  # not rank 0: it took part in the all-reduce, rank 0 reports
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         log.info("it %d  %s", iteration, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("iteration", "time")))
 
 

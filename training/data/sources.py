@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -105,7 +106,7 @@ def synthesize_slides(out_dir: Path, count: int, size: Sequence[int], mpp: float
     for i in range(count):
         path = out_dir / f"synth_{seed + i}_{size[0]}x{size[1]}_{mpp}.svs"
         if not path.exists():
-            tmp = path.with_suffix(".tmp.svs")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.svs")  # never shared by two writers
             synth.write_slide(tmp, size=tuple(size), mpp=mpp, seed=seed + i, fmt="svs", compression="jpeg")
             tmp.rename(path)
         paths.append(path)
