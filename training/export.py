@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from gpfm_engine.errors import GpfmError
 from training.checkpoint import load_checkpoint
 from training.config import git_sha
+from training.entry import run_entry_point
 
 log = logging.getLogger("training.export")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,9 +96,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        main()
-    except GpfmError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_entry_point(main, log)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 
 from gpfm_engine.errors import GpfmError
+from training.entry import run_entry_point
 
 log = logging.getLogger("training.linear_probe")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "patches"
@@ -210,9 +210,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        main()
-    except GpfmError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_entry_point(main, log)

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from training.data.stream import MultiCropCollate, build_loader
 from training.experts import build_experts
 from training.meta_arch import DistillMetaArch
 from training.schedules import Schedules, build_schedules
+from training.entry import run_entry_point
 
 log = logging.getLogger("training")
 
@@ -239,9 +239,4 @@ def _run(cfg: dict, rank: int, world: int, local_rank: int, no_resume: bool) -> 
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        main()
-    except GpfmError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_entry_point(main, log)
