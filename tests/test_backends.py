@@ -231,7 +231,7 @@ def test_auto_rule(monkeypatch):
 
 def test_missing_tensorrt_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails even where TensorRT is installed
-    with pytest.raises(MissingExtraError, match=r"needs the 'tensorrt' package: pip install 'gpfm-engine\[gpu\]'"):
+    with pytest.raises(MissingExtraError, match=r"needs the 'tensorrt' package: pip install 'gpfm-engine\[tensorrt\]'"):
         require_tensorrt()
     # Fails before looking for the (absent) GPFM weights, which would take minutes to load.
     with pytest.raises(MissingExtraError):

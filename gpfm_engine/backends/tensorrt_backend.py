@@ -44,7 +44,7 @@ def require_tensorrt() -> ModuleType:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise MissingExtraError("tensorrt", "gpu", "The TensorRT backend") from exc
+        raise MissingExtraError("tensorrt", "tensorrt", "The TensorRT backend") from exc
     major = int(str(trt.__version__).split(".")[0])
     if major < _MIN_MAJOR:
         raise GpfmError(f"TensorRT {trt.__version__} is too old: the TensorRT backend needs >= {_MIN_MAJOR}")
