@@ -32,6 +32,7 @@ class ExtractRequest:
     weights: str | None = None
     device: str = "auto"
     backend: str = "auto"
+    decoder: str = "auto"
     precision: str | None = None
     fov_um: float | None = None
     mag: float | None = None
@@ -80,7 +81,7 @@ def run_extract(req: ExtractRequest, reporter=None) -> int:
         raise click.UsageError("no slides found in " + " ".join(map(str, req.slides)))
     store = FeatureStore(req.out, formats=req.formats, dtype=req.features_dtype)
     store.prepare()
-    engine = Engine(model=req.model, weights=req.weights, device=req.device, backend=req.backend,
+    engine = Engine(model=req.model, weights=req.weights, device=req.device, backend=req.backend, decoder=req.decoder,
                     precision=req.precision, batch_size=req.batch_size, workers=req.workers,
                     on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
                     patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
@@ -123,6 +124,8 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--weights", type=click.Path(dir_okay=False), help="Weights file (else the model's env var / package / HF cache).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "cpu", "nvimgcodec", "dali", "nvjpeg"]), default="auto", show_default=True,
+              help="Tile decoder on CUDA devices (CPU runs always decode on CPU threads).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Compute precision [fp32 on CPU, bf16 on CUDA].")
 @click.option("--fov-um", type=click.FloatRange(min=0, min_open=True), help="Patch field of view in µm [the model's, 128 for GPFM].")
 @click.option("--mag", type=click.FloatRange(min=0, min_open=True), help="Target magnification (with --patch-size), e.g. 20.")

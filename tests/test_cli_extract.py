@@ -216,3 +216,21 @@ def test_two_processes_share_a_folder(slide_factory, tiny_weights: Path, tmp_pat
     assert {e["status"] for e in finished} <= {"done", "skipped", "busy"}
     rows = run_json(out)["slides"]
     assert all(rows[s.stem]["status"] == "done" for s in slides)
+
+
+def test_decoder_choice_reaches_the_engine(slides, tiny_weights: Path, tmp_path: Path, monkeypatch) -> None:
+    """--decoder is handed to the Engine; on a CPU run every choice still decodes on CPU threads."""
+    import gpfm_engine.engine as engine_module
+
+    seen = []
+    real_engine = engine_module.Engine
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoder"))
+        return real_engine(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", spy)
+    extract([slides[0], "--out", tmp_path / "out", "--decoder", "dali", "--dry-run"], tiny_weights)
+    assert seen == ["dali"]
+    code, text = extract([slides[0], "--out", tmp_path / "out2", "--decoder", "nonsense"], tiny_weights, expect=None)
+    assert code == 2 and "nonsense" in text
