@@ -62,3 +62,21 @@ class TeacherCentering(nn.Module):
             q /= n_samples
         q *= n_samples
         return q.t()
+
+
+class CenteredTargetLoss(nn.Module):
+    """Base of the losses whose targets are centred teacher probabilities (DINO CLS, iBOT patch).
+
+    Owns the student temperature and the ``TeacherCentering`` state, so the two losses differ only
+    in how they pair student and teacher tokens (their ``forward``).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "centering",
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.centering = TeacherCentering(out_dim, centering, center_momentum)
+
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Targets from teacher logits (updates the centre in ``centering`` mode)."""
+        return self.centering(teacher_logits, teacher_temp)

@@ -14,22 +14,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from training.losses.centering import TeacherCentering
+from training.losses.centering import CenteredTargetLoss
 
 
-class DINOLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "centering",
-                 center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.centering = TeacherCentering(out_dim, centering, center_momentum)
-
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Targets from teacher logits of all global crops (updates the centre in ``centering`` mode)."""
-        return self.centering(teacher_logits, teacher_temp)
-
+class DINOLoss(CenteredTargetLoss):
     def forward(self, student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor],
                 skip_same_view: bool = False) -> torch.Tensor:
         """Sum over (student view, teacher view) pairs of the batch-mean cross-entropy.

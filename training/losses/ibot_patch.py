@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from training.losses.centering import TeacherCentering
+from training.losses.centering import CenteredTargetLoss
 
 
-class IBOTPatchLoss(nn.Module):
-    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: str = "centering",
-                 center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.centering = TeacherCentering(out_dim, centering, center_momentum)
-
-    def teacher_probs(self, teacher_logits_masked: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        return self.centering(teacher_logits_masked, teacher_temp)
-
+class IBOTPatchLoss(CenteredTargetLoss):
     def forward(self, student_logits_masked: torch.Tensor, teacher_probs_masked: torch.Tensor,
                 masks: torch.Tensor) -> torch.Tensor:
         """``student_logits_masked``/``teacher_probs_masked``: ``[M, K]`` rows in ``masks.nonzero()`` order;
