@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="thread budget of both sides (default: usable cores)")
     p.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats: a smoke run")
-    p.add_argument("--slide-size", help="large slide size, e.g. 40000x30000 (default 32000x24000; cached)")
+    p.add_argument("--slide-size", help="large slide size, e.g. 40000x30000 (default 40000x30000; cached)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write all records and machine info as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw the ratios as a bar chart (PNG)")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")

@@ -5,11 +5,11 @@ every engineer running one) reuses the same file. The cache lives in ``$GPFM_BEN
 ``~/.cache/gpfm-engine/bench``; files are written to a temporary name and renamed, under a lock,
 so concurrent benchmark runs wait for one generator instead of racing.
 
-Sizes: the issue asks for about 40k x 30k px. Synthesizing that takes ~270 s of single-core CPU
-(measured: 12 ms to render + 0.2 ms to encode one 240 px tile, 21k level-0 tiles), i.e. 5-15
-minutes wall on the shared 2-core machine, so the default is 32k x 24k (0.77 Gpx, ~3 min of CPU;
-it took 5.4 min wall here while other jobs ran, 96 MB). ``GPFM_BENCH_SLIDE_SIZE=40000x30000`` (or
-``--slide-size``) generates the full size. The medium slide takes ~25 s, the 200 small ones 2.5-13 min (depending on the load).
+Sizes: the large slide is the issue's 40k x 30k px (1.2 Gpx, 21k level-0 tiles). Synthesizing it
+takes ~270 s of single-core CPU once (12 ms to render + 0.2 ms to encode one 240 px tile), 5-15
+minutes wall on the shared 2-core machine; later runs reuse the cached file.
+``GPFM_BENCH_SLIDE_SIZE=32000x24000`` (or ``--slide-size``) picks another size. The medium slide
+takes ~25 s, the 200 small ones 2.5-13 min (depending on the load).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from gpfm_engine import synth
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LARGE = (32000, 24000)
+DEFAULT_LARGE = (40000, 30000)
 QUICK_LARGE = (8000, 6000)          # --quick: a smoke run of the whole suite in a few minutes
 MEDIUM = (12000, 9000)              # end-to-end: every tissue patch goes through the model
 SMALL = (1024, 768)                 # memory: many slides, 0-12 (about 6) 256 px patches (128 um at 0.5 um/px)
