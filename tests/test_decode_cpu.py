@@ -1,7 +1,8 @@
 """CPU tile decoders against independent references (OpenCV, PIL, the encoder's input).
 
 Tolerances: lossless codecs 0; JPEG vs OpenCV's libjpeg-turbo <= 2 per channel (IDCT/upsampling
-rounding of two builds); JPEG vs its source within the codec's loss; alpha compositing vs PIL <= 1.
+rounding of two builds), also for DCT-scaled decodes (OpenCV's IMREAD_REDUCED_*); JPEG vs its source
+within the codec's loss; alpha compositing vs PIL <= 1.
 """
 from __future__ import annotations
 
@@ -30,6 +31,32 @@ def test_jpeg_matches_opencv(image):
     assert ours.shape == image.shape and ours.dtype == np.uint8
     assert np.abs(ours.astype(int) - ref).max() <= 2
     assert np.abs(ours.astype(int) - image).mean() < 3  # right colours, within JPEG loss
+
+
+REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+@pytest.mark.parametrize("denom", [2, 4, 8])
+@pytest.mark.parametrize("subsampling", ["444", "420"])
+def test_scaled_jpeg_matches_opencv_reduced_decode(image, denom, subsampling):
+    stream = imagecodecs.jpeg8_encode(image, level=85, subsampling=subsampling)
+    (ours,) = decode([stream], f"jpeg/{denom}")
+    ref = cv2.cvtColor(cv2.imdecode(np.frombuffer(stream, np.uint8), REDUCED[denom]), cv2.COLOR_BGR2RGB)
+    assert ours.shape == (96 // denom, 80 // denom, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - ref).max() <= 2
+    box = image.reshape(96 // denom, denom, 80 // denom, denom, 3).mean(axis=(1, 3))
+    assert np.abs(ours - box).mean() < 4  # the area average of the source, within JPEG loss
+
+
+def test_scaled_jpeg_rejects_corrupt_streams(image):
+    stream = imagecodecs.jpeg8_encode(image, level=85)
+    sof, dht = stream.find(b"\xff\xc0"), stream.find(b"\xff\xc4")
+    bad_components = stream[: sof + 9] + b"\x07" + stream[sof + 10 :]
+    bad_table = stream[: dht + 4] + b"\x55" + stream[dht + 5 :]
+    for bad, cause in ((stream[: len(stream) // 2], "truncated"), (b"\xff\xd8\xff\xd9", "corrupt JPEG header"),
+                       (bad_components, "unreadable JPEG header"), (bad_table, "jpeg decoder: OSError")):
+        with pytest.raises(StreamDecodeError, match=cause):
+            decode([bad], "jpeg/2")
 
 
 def test_grey_jpeg_becomes_rgb(image):
@@ -123,4 +150,5 @@ def test_bad_arguments():
         decode([b""], "webp")
     with pytest.raises(ValueError, match="needs the tile shape"):
         decode([b""], "lzw")
-    assert set(COMPRESSIONS) == {"jpeg", "jpeg2000", "jpeg2000_ycbcr", "lzw", "deflate", "none"}
+    assert set(COMPRESSIONS) == {"jpeg", "jpeg/2", "jpeg/4", "jpeg/8", "jpeg2000", "jpeg2000_ycbcr", "lzw", "deflate",
+                                 "none"}

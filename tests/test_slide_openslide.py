@@ -1,9 +1,8 @@
 """Both backends against OpenSlide itself: every real slide OpenSlide opens, and synthesized slides.
 
 Rules compared (stated once here):
-- dimensions, level sizes and vendor: equal. Level count: equal, except that for NDPI OpenSlide adds
-  levels that are not stored in the file (the coarsest stored level decoded with JPEG DCT scaling
-  1/2, 1/4, 1/8); we expose stored levels only, and those must match OpenSlide's first levels.
+- dimensions, level count, level sizes and vendor: equal. For Hamamatsu this includes the levels
+  OpenSlide adds beyond the stored ones (stored JPEG levels decoded with DCT scaling 1/2, 1/4, 1/8).
 - downsamples: both use mean(w0 / w, h0 / h), compared to 1e-12 relative.
 - mpp: equal to ``openslide.mpp-x/y`` when that is physically plausible (<= 50 µm/px); OpenSlide's
   72-dpi values (boxes.tiff: 352.8 µm/px) must come out as unknown (None).
@@ -83,12 +82,9 @@ def test_real_slide_matches_openslide(shared_data, name):
         assert slide.vendor == props["openslide.vendor"]
         assert slide.dimensions == osr.dimensions
         n = slide.level_count
-        assert slide.level_dimensions == tuple(osr.level_dimensions[:n])
-        if slide.vendor == "hamamatsu" and slide.backend == "tiff":
-            assert all(d > slide.level_downsamples[-1] for d in osr.level_downsamples[n:])
-        else:
-            assert n == osr.level_count
-        np.testing.assert_allclose(slide.level_downsamples, osr.level_downsamples[:n], rtol=1e-12)
+        assert n == osr.level_count
+        assert slide.level_dimensions == osr.level_dimensions
+        np.testing.assert_allclose(slide.level_downsamples, osr.level_downsamples, rtol=1e-12)
         os_mpp = (float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])) if "openslide.mpp-x" in props else None
         if os_mpp and max(os_mpp) <= MAX_PLAUSIBLE_MPP:
             assert slide.mpp == pytest.approx(os_mpp, rel=1e-9)
@@ -127,6 +123,30 @@ def test_real_aperio_pixel_and_fast_path(shared_data):
         assert slide.tile_layout(0) == (240, 240, 10, 13, "jpeg")
     with open_slide(shared_data / "wsi/hamamatsu-ndpi/test3-DAPI-2-(387).ndpi") as slide:
         assert slide.backend == "tiff" and slide.tile_layout(0)[:4] == (3968, 8, 1, 608)
+
+
+@pytest.mark.realdata
+def test_real_ndpi_reduced_levels_are_tiled_like_openslide(shared_data):
+    """The reduced levels read the smallest stored level's tiles at 1/2, 1/4, 1/8 (OpenSlide's tile
+    sizes); their ``jpeg/N`` compression keeps full-size-only (GPU) decoders off them."""
+    path = shared_data / "wsi/hamamatsu-ndpi/test3-DAPI-2-(387).ndpi"
+    osr = openslide.OpenSlide(str(path))
+    with open_slide(path) as slide:
+        assert slide.tile_layout(3) == (496, 8, 1, 76, "jpeg")
+        for level, denom in ((4, 2), (5, 4), (6, 8)):
+            layout = slide.tile_layout(level)
+            assert layout == (496 // denom, 8 // denom, 1, 76, f"jpeg/{denom}")
+            props = osr.properties
+            assert (layout.tile_width, layout.tile_height) == (int(props[f"openslide.level[{level}].tile-width"]),
+                                                               int(props[f"openslide.level[{level}].tile-height"]))
+            assert slide.read_raw_tiles(level, [7]) == slide.read_raw_tiles(3, [7])  # full-size streams
+            picks = [0, 37, 75]
+            for index, tile in zip(picks, slide.read_tiles(level, picks)):
+                x, y = layout.origin(index)
+                ds = slide.level_downsamples[level]
+                ref = osr_rgb(osr, (round(x * ds), round(y * ds)), level, (layout.tile_width, layout.tile_height))
+                assert tile.shape == ref.shape and np.abs(tile.astype(int) - ref).max() <= 2
+    osr.close()
 
 
 # -- synthesized slides through both backends ------------------------------------------------------

@@ -236,3 +236,19 @@ def test_missing_tile_is_background(slide_factory, tmp_path):
         assert (tile6 == 255).all() and not (tile5 == 255).all()
         x, y = slide.tile_layout(0).origin(6)
         assert (slide.read_region((x, y), 0, (128, 128)) == 255).all()
+
+
+def test_reduced_levels_follow_openslides_hamamatsu_rule():
+    """Stored JPEG levels plus their 1/2, 1/4, 1/8 decodes where the tile divides, one level per width,
+    each from the smallest stored level that yields it; other compressions are never reduced."""
+    from gpfm_engine.slide.base import TileLayout
+    from gpfm_engine.slide.reduced_levels import reduced_levels
+
+    ndpi = [(3968, 4864), (1984, 2432), (992, 1216), (496, 608)]
+    tiles = [TileLayout(w, 8, 1, h // 8, "jpeg") for w, h in ndpi]
+    assert reduced_levels(ndpi, tiles) == [(0, 1), (1, 1), (2, 1), (3, 1), (3, 2), (3, 4), (3, 8)]
+    # 4x spacing: the gaps are filled by 1/2 of the level above; a 12-px-high tile cannot do 1/8
+    dims = [(4096, 4096), (1024, 1024)]
+    layouts = [TileLayout(512, 12, 8, 342, "jpeg"), TileLayout(512, 12, 2, 86, "jpeg")]
+    assert reduced_levels(dims, layouts) == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 4)]
+    assert reduced_levels(dims, [layout._replace(compression="lzw") for layout in layouts]) == [(0, 1), (1, 1)]

@@ -12,15 +12,20 @@ as pixels.
 """
 from __future__ import annotations
 
+import io
 from concurrent.futures import Executor
 from typing import Sequence
 
 import imagecodecs
 import numpy as np
+from PIL import Image
 
+# JPEG streams decoded at reduced size by libjpeg's DCT scaling (scale_denom 2, 4, 8): the levels
+# OpenSlide adds to Hamamatsu slides. ``"jpeg/N"`` names full-size JPEG streams decoded at 1/N.
+SCALED_JPEG: dict[str, int] = {"jpeg/2": 2, "jpeg/4": 4, "jpeg/8": 8}
 # The compression names of ``TileLayout.compression`` that this module decodes.
 # ``jpeg2000_ycbcr`` is Aperio 33003: YCbCr samples coded without a colour transform.
-COMPRESSIONS: tuple[str, ...] = ("jpeg", "jpeg2000", "jpeg2000_ycbcr", "lzw", "deflate", "none")
+COMPRESSIONS: tuple[str, ...] = ("jpeg", *SCALED_JPEG, "jpeg2000", "jpeg2000_ycbcr", "lzw", "deflate", "none")
 # Codecs whose streams carry no image header: the caller passes the stored tile shape.
 RAW_COMPRESSIONS = frozenset({"lzw", "deflate", "none"})
 
@@ -124,6 +129,9 @@ def _decode_one(stream: bytes, compression: str, shape: tuple[int, int, int] | N
     if compression == "jpeg":
         _check_jpeg(stream)
         return imagecodecs.jpeg8_decode(stream)
+    if compression in SCALED_JPEG:
+        _check_jpeg(stream)
+        return _jpeg_decode_scaled(stream, SCALED_JPEG[compression])
     if compression in ("jpeg2000", "jpeg2000_ycbcr"):
         pixels = imagecodecs.jpeg2k_decode(stream)
         return _ycbcr_to_rgb(pixels) if compression == "jpeg2000_ycbcr" else pixels
@@ -135,6 +143,27 @@ def _decode_one(stream: bytes, compression: str, shape: tuple[int, int, int] | N
     else:
         data = stream
     return _raw_pixels(data, shape, predictor)
+
+
+def _jpeg_decode_scaled(stream: bytes, denom: int) -> np.ndarray:
+    """Decode at 1/``denom`` size inside libjpeg-turbo (reduced IDCT, no resampling afterwards).
+
+    imagecodecs exposes no ``scale_denom``; Pillow's ``draft`` sets it (and nothing else: the
+    IDCT method and fancy upsampling stay libjpeg's defaults, as in OpenSlide), so the pixels
+    are the ones OpenSlide's Hamamatsu driver produces for its reduced levels.
+    """
+    try:
+        with Image.open(io.BytesIO(stream), formats=("JPEG",)) as image:
+            width, height = image.size
+            image.draft(None, (max(1, width // denom), max(1, height // denom)))
+            expected = (-(-width // denom), -(-height // denom))
+            if image.size != expected or image.mode not in ("L", "RGB"):
+                raise StreamDecodeError(0, f"cannot decode a {width}x{height} px {image.mode} JPEG at 1/{denom} scale")
+            return np.asarray(image)
+    except Image.UnidentifiedImageError:
+        raise StreamDecodeError(0, "jpeg decoder: unreadable JPEG header") from None
+    except (OSError, SyntaxError) as exc:  # Pillow's errors for broken JPEG data
+        raise StreamDecodeError(0, f"jpeg decoder: {exception_summary(exc)}") from exc
 
 
 def _raw_pixels(data: bytes, shape: tuple[int, int, int], predictor: int) -> np.ndarray:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from gpfm_engine.decode.cpu import StreamDecodeError, decode, exception_summary
+from gpfm_engine.decode.cpu import SCALED_JPEG, StreamDecodeError, decode, exception_summary
 from gpfm_engine.errors import SlideError, TileDecodeError
 from gpfm_engine.slide.base import LazyImages, Slide, TileLayout, WHITE, downsamples_from_dimensions
 from gpfm_engine.slide.jpeg import JpegTileFixer
+from gpfm_engine.slide.reduced_levels import reduced_levels
 from gpfm_engine.slide.tiff_meta import read_metadata
 from gpfm_engine.slide.tile_cache import TileCache
 
@@ -67,6 +68,8 @@ class TiffSlide(Slide):
             meta = read_metadata(tf, pages[0])
         self.vendor = meta.vendor
         self.level_dimensions = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
+        if meta.vendor == "hamamatsu":  # OpenSlide's levels: stored ones plus DCT-scaled decodes
+            self._levels, self.level_dimensions = _with_reduced_levels(self._levels, self.level_dimensions)
         self.level_downsamples = downsamples_from_dimensions(self.level_dimensions)
         self.objective_power = meta.objective_power
         self._native_mpp, self._native_mpp_source = meta.mpp, meta.mpp_source
@@ -181,6 +184,27 @@ def _pyramid_pages(tf: tifffile.TiffFile, path: Path) -> list[tifffile.TiffPage]
             raise FastPathRefused(path, f"level {i} has no readable IFD")
         pages.append(page)
     return sorted(pages, key=lambda p: -int(p.imagewidth))
+
+
+def _with_reduced_levels(levels: list[_Level], dimensions: tuple[tuple[int, int], ...]
+                         ) -> tuple[list[_Level], tuple[tuple[int, int], ...]]:
+    """Stored levels plus the reduced JPEG levels OpenSlide adds to Hamamatsu slides.
+
+    A reduced level reads the same stored tiles as its source; its layout has the tile size
+    divided by the denominator and a ``"jpeg/N"`` compression, so decoders that only decode at
+    full size (the GPU plug-ins) never claim it and tiles are decoded at 1/N on the CPU.
+    """
+    names = {denom: name for name, denom in SCALED_JPEG.items()}
+    out_levels, out_dims = [], []
+    for source, denom in reduced_levels(dimensions, [lv.layout for lv in levels]):
+        lv, (width, height) = levels[source], dimensions[source]
+        if denom > 1:
+            layout = lv.layout
+            lv = replace(lv, layout=TileLayout(layout.tile_width // denom, layout.tile_height // denom, layout.columns,
+                                               layout.rows, names[denom]))
+        out_levels.append(lv)
+        out_dims.append((width // denom, height // denom))
+    return out_levels, tuple(out_dims)
 
 
 def _check_complete(tf: tifffile.TiffFile, levels: list[_Level], path: Path) -> None:
