@@ -19,17 +19,18 @@ def test_forward_backward_no_nan(name):
     """The real width, heads and patch size; 2x2 tokens and at most 2 blocks keep ViT-L cheap on CPU
     (the full-depth structure is built on the meta device, which costs nothing)."""
     cfg = get_model_cfg(name)
-    patch = cfg.arch["patch_size"]
+    patch, width = cfg.arch["patch_size"], cfg.arch["embed_dim"]
     with torch.device("meta"):
         full = build_model(name)
-    assert len(full.blocks) == cfg.arch["depth"] and full.embed_dim == cfg.feature_dim
+    assert len(full.blocks) == cfg.arch["depth"] and full.embed_dim == width
     model = build_model(name, img_size=2 * patch, depth=min(cfg.arch["depth"], 2)).train()
     x = torch.randn(2, 3, 2 * patch, 2 * patch, generator=torch.Generator().manual_seed(0))
     masks = torch.tensor([[True, False, False, True], [False] * 4])
     out = model.forward_features(x, masks)
-    assert out["x_norm_clstoken"].shape == (2, cfg.feature_dim)
-    assert out["x_norm_patchtokens"].shape == (2, 4, cfg.feature_dim)
-    loss = out["x_norm_clstoken"].square().mean() + out["x_norm_patchtokens"].square().mean()
+    assert out["x_norm_clstoken"].shape == (2, width)
+    assert out["x_norm_patchtokens"].shape == (2, 4, width)
+    # The feature (forward) as well: a pooling head after the tokens (CONCH) must get gradients too.
+    loss = out["x_norm_clstoken"].square().mean() + out["x_norm_patchtokens"].square().mean() + model(x).square().mean()
     assert torch.isfinite(loss)
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -47,7 +48,7 @@ def test_cfg_carries_preprocessing_and_sources(name):
     assert cfg.input_size % cfg.arch["patch_size"] == 0 and cfg.interpolation == "bicubic"
     assert len(cfg.mean) == len(cfg.std) == 3 and cfg.fov_um > 0 and cfg.license
     assert cfg.weights_env and (cfg.hf_repo or cfg.packaged_weights)
-    assert cfg.feature_dim == cfg.arch["embed_dim"]
+    # feature_dim == the width forward() returns at full width: checked in test_forward_backward_no_nan.
     json.dumps(cfg.to_dict())  # recipes store it
 
 
@@ -65,6 +66,6 @@ def test_gpfm_cfg_is_the_published_architecture():
 def test_none_overrides_keep_defaults_and_unknown_names_list_the_registry():
     with torch.device("meta"):
         assert build_model("gpfm-tiny", depth=None, drop_path_rate=None).embed_dim == 192
-    with pytest.raises(GpfmError, match="unknown model 'gpfm-huge'.*gpfm, gpfm-tiny, uni"):
+    with pytest.raises(GpfmError, match="unknown model 'gpfm-huge'.*conch, gpfm, gpfm-tiny, phikon, uni"):
         get_model_cfg("gpfm-huge")
     assert list_models("gpfm*") == ["gpfm", "gpfm-tiny"]

@@ -13,6 +13,7 @@ from gpfm_engine.models.registry import (
     register_model,
 )
 from gpfm_engine.models import vit  # noqa: F401,E402 - registers the ViT variants
+from gpfm_engine.models import conch, phikon  # noqa: F401,E402 - register GPFM's other experts
 from gpfm_engine.models.weights import load_model, resolve_weights, sha256_file  # noqa: E402
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelCfg", "build_model", "get_model_cfg", "list_models",
