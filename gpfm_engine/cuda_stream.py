@@ -107,6 +107,24 @@ def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return out
 
 
+def to_device(data: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host data (index arrays, images) on ``device`` without making the host wait for the GPU.
+
+    A copy from pageable memory is synchronous, and ``torch.as_tensor(array, device=cuda)`` is such a
+    copy: the host would stall until every kernel queued before it has run. Staged in pinned memory
+    instead, the copy is only enqueued on the current stream (the engine stream in the pipeline);
+    torch's pinned allocator keeps the staging block until the copy is done. CPU devices and tensors
+    already on the device pass through.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    dev = torch.device(device)
+    if dev.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(dev)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(dev, non_blocking=True)
+
+
 def upload_tiles(tiles: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
     """Stack host-decoded tiles ``[h, w, 3]`` into one uint8 ``[T, h, w, 3]`` tensor on ``device``.
 

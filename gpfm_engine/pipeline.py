@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from gpfm_engine import locks
-from gpfm_engine.cuda_stream import on_engine_stream, to_host_async
+from gpfm_engine.cuda_stream import on_engine_stream, to_device, to_host_async
 from gpfm_engine.errors import GpfmError, TileDecodeError
 from gpfm_engine.runlog import SlideRecord, Status
 from gpfm_engine.store import Action, FeatureStore, source_fingerprint
@@ -285,14 +285,15 @@ def stream_slide(engine: "Engine", plan: "SlidePlan", pool: ThreadPoolExecutor |
     backend = engine.backend
     try:
         for item in loader:
-            n = len(item.coords)
-            keep = ~item.drop
             with on_engine_stream(engine.device):
-                features = backend.run(item.buffer[:n])
-                if not keep.all():
-                    features = features[torch.from_numpy(keep).to(features.device)]
+                features = backend.run(item.buffer[:len(item.coords)])
+                if item.drop.any():
+                    # rows are chosen by host-computed indices: a boolean mask on the device
+                    # would make the host wait for the batch to find out how many rows remain
+                    kept = to_device(np.flatnonzero(~item.drop), features.device)
+                    features = features.index_select(0, kept)
             loader.recycle(item.buffer)
-            yield Batch(item.coords[keep], hand_over(features), item.tiles_skipped)
+            yield Batch(item.coords[~item.drop], hand_over(features), item.tiles_skipped)
     finally:
         loader.close()
         if own_pool:
@@ -312,12 +313,12 @@ def embed_images(engine: "Engine", groups: Sequence[tuple[np.ndarray, torch.Tens
             stream.wait_stream(caller)  # the caller's CUDA images may still be in the making
         out = torch.empty((total, engine.feature_dim), device=engine.device)
         for positions, images in groups:
-            images = images.to(engine.device, non_blocking=True)
+            images = to_device(images, engine.device)
             for start in range(0, len(images), bs):
                 chunk = images[start:start + bs]
                 batch = resample_images(chunk, size, engine.cfg.mean, engine.cfg.std, backend.input_dtype)
                 feats = backend.run(batch)
-                out[torch.as_tensor(positions[start:start + bs], device=engine.device)] = feats.to(out.dtype)
+                out.index_copy_(0, to_device(positions[start:start + bs], engine.device), feats.to(out.dtype))
     return hand_over(out)
 
 

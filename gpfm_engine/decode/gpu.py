@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from gpfm_engine.cuda_stream import on_engine_stream, upload_tiles
+from gpfm_engine.cuda_stream import on_engine_stream, to_device, upload_tiles
 from gpfm_engine.errors import GpfmError, MissingExtraError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def decode_slide_tiles(decoder: GpuDecoder, slide, level: int, indices: Sequence
         out = torch.full((len(streams), layout.tile_height, layout.tile_width, 3), 255, dtype=torch.uint8,
                          device=decoder.device)
         if present:
-            out[torch.tensor(present, device=decoder.device)] = tiles
+            out.index_copy_(0, to_device(np.asarray(present, np.int64), decoder.device), tiles)
     return out
 
 
