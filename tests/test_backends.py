@@ -8,6 +8,7 @@ error are tested; building and running engines needs a GPU machine.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -20,10 +21,10 @@ from _model_utils import randomize
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from gpfm_engine.backends import choose_backend, create_backend, onnx_backend, tensorrt_backend
+from gpfm_engine.backends import choose_backend, create_backend, onnx_backend, tensorrt_backend, torch_options
 from gpfm_engine.backends.onnx_backend import OnnxBackend, cached_onnx
 from gpfm_engine.backends.tensorrt_backend import EngineKey, load_or_build_engine, require_tensorrt
-from gpfm_engine.backends.torch_backend import TorchBackend
+from gpfm_engine.backends.torch_backend import TorchBackend, buckets_for
 from gpfm_engine.cli import main as cli
 from gpfm_engine.errors import GpfmError, MissingExtraError
 from gpfm_engine.export import export_onnx
@@ -104,6 +105,54 @@ def test_torch_refuses_cpu_fp16_and_cpu_graphs(tiny):
         TorchBackend(tiny, "cpu", "fp32", cuda_graphs=True)
     with pytest.raises(GpfmError, match="unknown precision 'int8'"):
         TorchBackend(tiny, "cpu", "int8")
+
+
+def test_buckets_for_batch_size():
+    assert buckets_for(64) == (16, 64)
+    assert buckets_for(256) == (16, 64, 256)
+    assert buckets_for(8) == (8,)
+    assert buckets_for(100) == (25, 100)
+    with pytest.raises(GpfmError, match="positive"):
+        buckets_for(0)
+
+
+def test_torch_options_auto_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert torch_options(cpu, "torch", 64) == {"compile": False, "cuda_graphs": False}
+    assert torch_options(cuda, "torch", 64) == {"compile": True, "cuda_graphs": True, "buckets": (16, 64)}
+    assert torch_options(cpu, "torch", 64, compile=True) == {"compile": True, "cuda_graphs": False, "buckets": (16, 64)}
+    assert torch_options(cuda, "torch", 256, compile=False) == {"compile": False, "cuda_graphs": True,
+                                                                "buckets": (16, 64, 256)}
+    assert torch_options(cuda, "tensorrt", 64) == {} and torch_options(cpu, "onnx", 64, compile=False) == {}
+    with pytest.raises(GpfmError, match="CUDA graphs need a CUDA device, not cpu"):
+        torch_options(cpu, "torch", 64, cuda_graphs=True)
+    with pytest.raises(GpfmError, match="apply to the torch backend, not onnx"):
+        torch_options(cpu, "onnx", 64, compile=True)
+
+
+CXX = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+@pytest.mark.skipif(CXX is None, reason="torch.compile's inductor needs a C++ compiler for CPU kernels")
+def test_torch_compile_matches_eager_on_cpu(tiny):
+    """torch.compile (inductor) through the bucketed path: 3 rows padded to a bucket of 4, compiled
+    once (fixed shape, fullgraph). Tolerance: max|a-b| / max|b| <= 1e-4 (fused kernels reorder sums).
+    One block keeps the compilation to ~15 s on 2 shared cores."""
+    from torch._dynamo.utils import counters
+
+    one_block = randomize(build_model(TINY, depth=1), seed=13).eval()
+    x = _images(3)
+    with torch.inference_mode():
+        eager = one_block(x)
+    compiled = TorchBackend(one_block, "cpu", "fp32", compile=True, buckets=(4,))
+    assert compiled.describe()["compile"] and compiled.buckets == (4,)
+    got = compiled.run(x)
+    assert got.shape == (3, 192)
+    assert _rel_err(got, eager) <= 1e-4
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it was compiled, not run eagerly
+    assert _rel_err(compiled.run(x[:2]), eager[:2]) <= 1e-4
+    assert counters["stats"]["unique_graphs"] == graphs  # same bucket: no second compilation
 
 
 # --- ONNX -------------------------------------------------------------------------------------------

@@ -32,6 +32,33 @@ def choose_backend(device: torch.device, precision: str) -> str:
     return "torch"
 
 
+def torch_options(device: torch.device, backend: str, batch_size: int, compile: bool | None = None,
+                  cuda_graphs: bool | None = None) -> dict[str, Any]:
+    """The torch backend's ``compile`` / ``cuda_graphs`` / ``buckets`` options for a run.
+
+    ``None`` means auto: on for the torch backend on CUDA, where launch overhead is worth removing
+    and the pipeline's fixed batch size makes a few buckets cover every batch; off on CPU, where
+    compiling costs more than a short run gains. ``backend`` is the resolved backend name (other
+    backends take no such options). An explicit request that cannot be honoured fails here, before
+    any weights are loaded.
+    """
+    if backend != "torch":
+        if compile or cuda_graphs:
+            raise GpfmError(f"torch.compile and CUDA graphs apply to the torch backend, not {backend}")
+        return {}
+    on_cuda = device.type == "cuda"
+    if cuda_graphs and not on_cuda:
+        raise GpfmError(f"CUDA graphs need a CUDA device, not {device}")
+    compile = on_cuda if compile is None else bool(compile)
+    cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+    options: dict[str, Any] = {"compile": compile, "cuda_graphs": cuda_graphs}
+    if compile or cuda_graphs:
+        from gpfm_engine.backends.torch_backend import buckets_for
+
+        options["buckets"] = buckets_for(batch_size)
+    return options
+
+
 def create_backend(name: str = "auto", model_name: str = "gpfm", weights: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu", precision: str = "fp32", *,
                    allow_download: bool | None = None, **options: Any) -> Backend:
@@ -64,4 +91,5 @@ def create_backend(name: str = "auto", model_name: str = "gpfm", weights: str | 
     return TorchBackend(model, device, precision, **options)
 
 
-__all__ = ["BACKENDS", "Backend", "choose_backend", "create_backend", "precision_dtype", "resolve_device"]
+__all__ = ["BACKENDS", "Backend", "choose_backend", "create_backend", "precision_dtype", "resolve_device",
+           "torch_options"]

@@ -21,7 +21,23 @@ from gpfm_engine.errors import GpfmError
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (16, 64, 256, 512)
+SMALLEST_BUCKET = 16
 _WARMUP_ITERS = 3
+
+
+def buckets_for(batch_size: int) -> tuple[int, ...]:
+    """Batch buckets for a pipeline that sends full batches of ``batch_size`` and one partial batch
+    per slide: the batch size itself, then quarters down to 16 rows.
+
+    Each bucket costs one compilation and one captured graph (made when first needed); quarters keep
+    the padding of a partial batch under 4x its rows while a run needs at most a few buckets.
+    """
+    if batch_size < 1:
+        raise GpfmError(f"batch size must be positive, got {batch_size}")
+    out = [batch_size]
+    while out[-1] // 4 >= SMALLEST_BUCKET:
+        out.append(out[-1] // 4)
+    return tuple(sorted(out))
 
 
 @dataclass
@@ -105,7 +121,9 @@ class TorchBackend(Backend):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # buckets replay one at a time: share memory
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the pipeline's loader and upload threads keep enqueuing work on other streams
+        # during the capture; only this thread's calls may not disturb it.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = self._fn(static_in)
         cap = _Captured(graph, static_in, static_out)
         self._graphs[bucket] = cap
