@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from gpfm_engine import __version__
+from gpfm_engine.backends import choose_backend, torch_options
 from gpfm_engine.cuda_stream import resolve_device
 from gpfm_engine.errors import GpfmError
 from gpfm_engine.gather import PatchGather
@@ -89,6 +90,11 @@ class Engine:
     with the model's own field of view as the default. ``tissue`` takes the tissue masker's
     parameters. ``mpp`` overrides the µm/px of every slide (for slides without trustworthy
     metadata). ``decoder`` picks the GPU tile decoder on CUDA ("auto", "cpu" or a plug-in name).
+    ``compile`` and ``cuda_graphs`` (torch backend; ``None`` = on for CUDA, off for CPU) run the
+    model through ``torch.compile`` and replay captured CUDA graphs; batches are then padded up to
+    fixed buckets derived from ``batch_size`` (see ``backends.torch_options``). ``backend_options``
+    go to the backend as they are, over those (e.g. torch ``buckets``, ``compile_mode``; onnx
+    ``threads``; tensorrt ``profile``).
     The backend is created on first use, so planning (``plan``, ``--dry-run``) never loads weights.
     """
 
@@ -103,6 +109,9 @@ class Engine:
         workers: int | None = None,
         on_tile_error: str = "skip",
         decoder: str = "auto",
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
+        backend_options: dict[str, Any] | None = None,
         tissue: Any = None,
         mpp: float | None = None,
         **geometry: Any,
@@ -123,6 +132,9 @@ class Engine:
         self.mpp = mpp
         self.decoder_name = decoder
         self._gpu_decoder: Any = None
+        resolved = choose_backend(self.device, self.precision) if backend == "auto" else backend
+        self.backend_options = dict(torch_options(self.device, resolved, self.batch_size, compile, cuda_graphs),
+                                    **(backend_options or {}))
         geometry = {k: v for k, v in geometry.items() if v is not None}
         if "tissue_threshold" in geometry:
             geometry["threshold"] = geometry.pop("tissue_threshold")
@@ -143,7 +155,8 @@ class Engine:
             from gpfm_engine.backends import create_backend
 
             self._backend = create_backend(self.backend_name, self.model_name, weights=self.weights,
-                                           device=str(self.device), precision=self.precision)
+                                           device=str(self.device), precision=self.precision,
+                                           **self.backend_options)
         return self._backend
 
     @property

@@ -33,6 +33,8 @@ class ExtractRequest:
     device: str = "auto"
     backend: str = "auto"
     decoder: str = "auto"
+    compile: bool | None = None       # None: auto (on for the torch backend on CUDA)
+    cuda_graphs: bool | None = None   # None: auto (on for the torch backend on CUDA)
     precision: str | None = None
     fov_um: float | None = None
     mag: float | None = None
@@ -65,8 +67,12 @@ def make_reporter(req: ExtractRequest):
     return progress.RichReporter()
 
 
-def run_extract(req: ExtractRequest, reporter=None) -> int:
-    """Run an extraction; returns the exit status (see the module docstring)."""
+def run_extract(req: ExtractRequest, reporter=None, engine=None) -> int:
+    """Run an extraction; returns the exit status (see the module docstring).
+
+    ``engine`` reuses a configured ``Engine`` (its loaded weights, compiled model and captured CUDA
+    graphs) instead of building one from ``req``'s model options, for repeated runs in one process.
+    """
     from gpfm_engine.engine import Engine
     from gpfm_engine.inputs import collect_slides
     from gpfm_engine.pipeline import Extraction, RunOptions, SlideJob
@@ -81,10 +87,11 @@ def run_extract(req: ExtractRequest, reporter=None) -> int:
         raise click.UsageError("no slides found in " + " ".join(map(str, req.slides)))
     store = FeatureStore(req.out, formats=req.formats, dtype=req.features_dtype)
     store.prepare()
-    engine = Engine(model=req.model, weights=req.weights, device=req.device, backend=req.backend, decoder=req.decoder,
-                    precision=req.precision, batch_size=req.batch_size, workers=req.workers,
-                    on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
-                    patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
+    engine = engine or Engine(
+        model=req.model, weights=req.weights, device=req.device, backend=req.backend, decoder=req.decoder,
+        compile=req.compile, cuda_graphs=req.cuda_graphs, precision=req.precision, batch_size=req.batch_size,
+        workers=req.workers, on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
+        patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
     if not req.dry_run:  # load the weights before any slide: a missing file is a usage error
         log.info("backend: %s", engine.backend.describe())
     names = store.assign_names([i.path for i in inputs])
@@ -126,6 +133,10 @@ def _formats(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto", show_default=True)
 @click.option("--decoder", type=click.Choice(["auto", "cpu", "nvimgcodec", "dali", "nvjpeg"]), default="auto", show_default=True,
               help="Tile decoder on CUDA devices (CPU runs always decode on CPU threads).")
+@click.option("--compile/--no-compile", default=None,
+              help="torch backend: run the model through torch.compile [on for CUDA, off for CPU].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="torch backend on CUDA: replay captured CUDA graphs on fixed batch buckets [on for CUDA].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Compute precision [fp32 on CPU, bf16 on CUDA].")
 @click.option("--fov-um", type=click.FloatRange(min=0, min_open=True), help="Patch field of view in µm [the model's, 128 for GPFM].")
 @click.option("--mag", type=click.FloatRange(min=0, min_open=True), help="Target magnification (with --patch-size), e.g. 20.")

@@ -109,8 +109,8 @@ def test_torch_refuses_cpu_fp16_and_cpu_graphs(tiny):
 
 def test_buckets_for_batch_size():
     assert buckets_for(64) == (16, 64)
-    assert buckets_for(256) == (16, 64, 256)
-    assert buckets_for(8) == (8,)
+    assert buckets_for(256) == (64, 256)
+    assert buckets_for(63) == (63,)
     assert buckets_for(100) == (25, 100)
     with pytest.raises(GpfmError, match="positive"):
         buckets_for(0)
@@ -122,7 +122,7 @@ def test_torch_options_auto_rule():
     assert torch_options(cuda, "torch", 64) == {"compile": True, "cuda_graphs": True, "buckets": (16, 64)}
     assert torch_options(cpu, "torch", 64, compile=True) == {"compile": True, "cuda_graphs": False, "buckets": (16, 64)}
     assert torch_options(cuda, "torch", 256, compile=False) == {"compile": False, "cuda_graphs": True,
-                                                                "buckets": (16, 64, 256)}
+                                                                "buckets": (64, 256)}
     assert torch_options(cuda, "tensorrt", 64) == {} and torch_options(cpu, "onnx", 64, compile=False) == {}
     with pytest.raises(GpfmError, match="CUDA graphs need a CUDA device, not cpu"):
         torch_options(cpu, "torch", 64, cuda_graphs=True)
