@@ -151,7 +151,9 @@ def conch_reference(sd: dict, x: torch.Tensor, arch: dict) -> tuple[torch.Tensor
 def use_tiny_arch(monkeypatch: pytest.MonkeyPatch, name: str, **arch: object) -> dict:
     """Swap a registered expert's architecture for a tiny one (same builder, converter and sources)."""
     cfg = get_model_cfg(name)
-    tiny = dataclasses.replace(cfg, arch=dict(cfg.arch) | TINY_ARCH[name] | arch)
+    tiny_arch = dict(cfg.arch) | TINY_ARCH[name] | arch
+    feature_dim = tiny_arch.get("contrast_dim", tiny_arch["embed_dim"])  # CONCH's feature is its projection
+    tiny = dataclasses.replace(cfg, arch=tiny_arch, feature_dim=feature_dim)
     monkeypatch.setitem(registry._REGISTRY, name, tiny)
     return dict(tiny.arch)
 

@@ -1,11 +1,16 @@
 """Frozen expert teachers for GPFM's expert distillation, loaded by ``gpfm_engine`` model name.
 
 An expert sees the unmasked global crops (GPFM ``get_distill_teacher_output``), in eval mode,
-without gradients, and gives a CLS target ``[N, D_e]`` and, when its model exposes
-``forward_features``, patch-token targets ``[N, P_e, D_e]``. Crops arrive normalised with the
-student's mean/std and are re-normalised to the expert's registered mean/std when they differ
-(GPFM fed CONCH ImageNet statistics; the registry's own values are used here).
-Experts are plain objects, not sub-modules of the meta-architecture, so they are never saved,
+without gradients, and gives a CLS target ``[N, D_e]`` and, when its patch weight is positive,
+patch-token targets ``[N, P_e, D_e]``. The CLS target is the model's feature (``forward``): the CLS
+token after the final norm for the ViTs (UNI, Phikon), the normalised 512-d image-text embedding
+for CONCH, as GPFM's ``fms.py`` takes them. Patch targets come from ``forward_features`` and need
+the feature to be the CLS token of the same width, because one head serves both losses
+(``feature_dim == embed_dim``; CONCH fails this, and GPFM distils no CONCH patch tokens).
+Crops arrive normalised with the student's mean/std and are re-normalised to the expert's
+registered mean/std when they differ (GPFM fed CONCH ImageNet statistics; the registry's own
+values are used here). They keep their size (224 px global crops): an expert with another native
+size (CONCH, 448) resamples its position embeddings, as timm did for GPFM. Experts are plain objects, not sub-modules of the meta-architecture, so they are never saved,
 sharded, EMA-updated or given to the optimizer.
 """
 from __future__ import annotations
@@ -40,9 +45,12 @@ class Expert:
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         self.dim = feature_dim
-        self.has_patch_tokens = hasattr(model, "forward_features")
-        if spec.patch_weight > 0 and not self.has_patch_tokens:
+        self.gives_patch_tokens = spec.patch_weight > 0
+        if self.gives_patch_tokens and not hasattr(model, "forward_features"):
             raise ValueError(f"expert '{spec.name}' gives no patch tokens but patch_weight={spec.patch_weight}")
+        if self.gives_patch_tokens and getattr(model, "embed_dim", feature_dim) != feature_dim:
+            raise ValueError(f"expert '{spec.name}': its feature ({feature_dim}-d) is not its {model.embed_dim}-d CLS token, "
+                             f"so one head cannot serve CLS and patch targets; set patch_weight 0 (got {spec.patch_weight})")
         self._renorm = None
         if tuple(student_norm[0]) != tuple(expert_norm[0]) or tuple(student_norm[1]) != tuple(expert_norm[1]):
             s_mean, s_std, e_mean, e_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (*student_norm, *expert_norm))
@@ -53,7 +61,7 @@ class Expert:
         if self._renorm is not None:
             scale, shift = (t.to(crops.device, crops.dtype) for t in self._renorm)
             crops = crops * scale + shift
-        if not self.has_patch_tokens:
+        if not self.gives_patch_tokens:
             return self.model(crops), None
         out = self.model.forward_features(crops)
         return out["x_norm_clstoken"], out["x_norm_patchtokens"]
