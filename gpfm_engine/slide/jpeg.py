@@ -47,14 +47,46 @@ def iter_segments(stream: bytes) -> Iterator[tuple[int, int, int]]:
         pos = end
 
 
+def _is_colour_declaration(stream: bytes, marker: int, start: int) -> bool:
+    """Segment at ``start`` is a JFIF APP0 or Adobe APP14: it tells decoders the colour space."""
+    return ((marker == 0xE0 and stream[start + 4 : start + 8] == b"JFIF")
+            or (marker == 0xEE and stream[start + 4 : start + 9] == b"Adobe"))
+
+
 def declares_colour_space(stream: bytes) -> bool:
     """True when a JFIF APP0 or Adobe APP14 segment already tells decoders the colour space."""
+    return any(_is_colour_declaration(stream, marker, start) for marker, start, _ in iter_segments(stream))
+
+
+def _id_offsets(stream: bytes, marker: int, start: int) -> tuple[int, ...]:
+    """Offsets of the component ids in a 3-component SOF or SOS segment at ``start`` (else none)."""
+    if marker in _SOF_MARKERS and stream[start + 9] == 3:
+        return (start + 10, start + 13, start + 16)
+    if marker == 0xDA and stream[start + 4] == 3:
+        return (start + 5, start + 7, start + 9)
+    return ()
+
+
+def component_id_offsets(stream: bytes) -> list[int] | None:
+    """Offsets of the SOF and SOS component ids of a 3-component stream, or None when the stream
+    declares its colour space (then it needs no fix): both answers from one header walk."""
+    offsets: list[int] = []
     for marker, start, _ in iter_segments(stream):
-        if marker == 0xE0 and stream[start + 4 : start + 8] == b"JFIF":
-            return True
-        if marker == 0xEE and stream[start + 4 : start + 9] == b"Adobe":
-            return True
-    return False
+        if _is_colour_declaration(stream, marker, start):
+            return None
+        offsets += _id_offsets(stream, marker, start)
+    return offsets
+
+
+def _with_rgb_ids(head: bytes, stream: bytes, skip: int, offsets: list[int]) -> bytes:
+    """``head + stream[skip:]`` with the bytes at ``offsets`` (positions in ``stream``) set to
+    'R', 'G', 'B' in turn, built with one copy of the stream."""
+    out = bytearray(head)
+    out += memoryview(stream)[skip:]
+    shift = len(head) - skip
+    for k, offset in enumerate(offsets):
+        out[shift + offset] = RGB_IDS[k % 3]
+    return bytes(out)
 
 
 def rename_rgb_components(stream: bytes) -> bytes:
@@ -62,17 +94,8 @@ def rename_rgb_components(stream: bytes) -> bytes:
 
     Ids are only labels matched between SOF and SOS, so renaming both changes nothing else.
     """
-    out: bytearray | None = None
-    for marker, start, _ in iter_segments(stream):
-        if marker in _SOF_MARKERS and stream[start + 9] == 3:
-            out = out if out is not None else bytearray(stream)
-            for i in range(3):
-                out[start + 10 + 3 * i] = RGB_IDS[i]
-        elif marker == 0xDA and stream[start + 4] == 3:
-            out = out if out is not None else bytearray(stream)
-            for i in range(3):
-                out[start + 5 + 2 * i] = RGB_IDS[i]
-    return bytes(out) if out is not None else stream
+    offsets = [offset for marker, start, _ in iter_segments(stream) for offset in _id_offsets(stream, marker, start)]
+    return _with_rgb_ids(b"", stream, 0, offsets) if offsets else stream
 
 
 def restart_interval_to_stream(header: bytes, interval: bytes) -> bytes:
@@ -112,7 +135,8 @@ class JpegTileFixer:
         if tile[:2] != SOI:  # not a JPEG: leave it for the decoder to reject with a clear message
             return tile
         if self.rgb:
-            if declares_colour_space(tile):  # splice without our APP14
+            offsets = component_id_offsets(tile)
+            if offsets is None:  # the tile declares its colour space: splice without our APP14
                 return SOI + self.prefix[len(SOI) + len(APP14_RGB) :] + tile[2:]
-            tile = rename_rgb_components(tile)
+            return _with_rgb_ids(self.prefix, tile, 2, offsets)
         return self.prefix + tile[2:]
