@@ -67,13 +67,23 @@ def make_reporter(req: ExtractRequest):
     return progress.RichReporter()
 
 
+def engine_for(req: ExtractRequest):
+    """The ``Engine`` a request describes (weights are loaded on first use, not here)."""
+    from gpfm_engine.engine import Engine
+
+    return Engine(
+        model=req.model, weights=req.weights, device=req.device, backend=req.backend, decoder=req.decoder,
+        compile=req.compile, cuda_graphs=req.cuda_graphs, precision=req.precision, batch_size=req.batch_size,
+        workers=req.workers, on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
+        patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
+
+
 def run_extract(req: ExtractRequest, reporter=None, engine=None) -> int:
     """Run an extraction; returns the exit status (see the module docstring).
 
     ``engine`` reuses a configured ``Engine`` (its loaded weights, compiled model and captured CUDA
     graphs) instead of building one from ``req``'s model options, for repeated runs in one process.
     """
-    from gpfm_engine.engine import Engine
     from gpfm_engine.inputs import collect_slides
     from gpfm_engine.pipeline import Extraction, RunOptions, SlideJob
     from gpfm_engine.runlog import RunLog
@@ -87,11 +97,7 @@ def run_extract(req: ExtractRequest, reporter=None, engine=None) -> int:
         raise click.UsageError("no slides found in " + " ".join(map(str, req.slides)))
     store = FeatureStore(req.out, formats=req.formats, dtype=req.features_dtype)
     store.prepare()
-    engine = engine or Engine(
-        model=req.model, weights=req.weights, device=req.device, backend=req.backend, decoder=req.decoder,
-        compile=req.compile, cuda_graphs=req.cuda_graphs, precision=req.precision, batch_size=req.batch_size,
-        workers=req.workers, on_tile_error=req.on_tile_error, mpp=req.mpp, fov_um=req.fov_um, mag=req.mag,
-        patch_size=req.patch_size, overlap=req.overlap, tissue_threshold=req.tissue_threshold)
+    engine = engine or engine_for(req)
     if not req.dry_run:  # load the weights before any slide: a missing file is a usage error
         log.info("backend: %s", engine.backend.describe())
     names = store.assign_names([i.path for i in inputs])
