@@ -67,6 +67,13 @@ def test_phikon_hub_layout_matches_transformers(phikon_files):
             assert (out["x_norm_clstoken"] - expected[:, 0]).abs().max() <= TOL
             assert (out["x_norm_patchtokens"] - expected[:, 1:]).abs().max() <= TOL
             assert torch.equal(model(x), out["x_norm_clstoken"])
+    # another size: our pos-embed resampling is transformers' interpolate_pos_encoding
+    small = _x(32)
+    with torch.no_grad():
+        expected = hf(pixel_values=small, interpolate_pos_encoding=True).last_hidden_state
+        out = model.forward_features(small)
+    assert (out["x_norm_clstoken"] - expected[:, 0]).abs().max() <= TOL
+    assert (out["x_norm_patchtokens"] - expected[:, 1:]).abs().max() <= TOL
 
 
 def test_phikon_partial_qkv_and_leftovers_are_named(phikon_files, tmp_path):

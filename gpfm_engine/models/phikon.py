@@ -83,7 +83,8 @@ def phikon() -> ModelCfg:
     return ModelCfg(
         name="phikon", builder=VisionTransformer, convert=convert_hf_vit_checkpoint,
         arch=dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                  init_values=None, num_register_tokens=0, ln_eps=1e-12),
+                  init_values=None, num_register_tokens=0, ln_eps=1e-12,
+                  interpolate_offset=0.0),  # other sizes as transformers' interpolate_pos_encoding (size-based bicubic)
         feature_dim=768, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, fov_um=112.0,
         weights_env="GPFM_PHIKON_WEIGHTS", hf_repo="owkin/phikon", hf_filename="pytorch_model.bin",
         optional_keys=TRAINING_ONLY_KEYS,
