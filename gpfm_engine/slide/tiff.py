@@ -129,28 +129,31 @@ class TiffSlide(Slide):
     def _pread_tiles(self, level: int, indices: list[int]) -> list[bytes]:
         """Stored bytes of each tile, reading runs of adjacent tiles with one ``os.pread``."""
         lv = self._levels[level]
-        offsets, counts = lv.offsets[indices], lv.counts[indices]
+        offsets, counts = lv.offsets[indices].tolist(), lv.counts[indices].tolist()
         out = [b""] * len(indices)
-        runs: list[tuple[int, int, list[int]]] = []  # (start, end, positions)
-        for k in np.argsort(offsets, kind="stable").tolist():
-            off, cnt = int(offsets[k]), int(counts[k])
+        runs: list[tuple[int, list[int]]] = []  # (start, positions); a run ends at its last tile's end
+        end = -1
+        for k in sorted(range(len(indices)), key=offsets.__getitem__):
+            off, cnt = offsets[k], counts[k]
             if cnt == 0:
                 continue
-            if runs and off == runs[-1][1] and off + cnt - runs[-1][0] <= _MAX_READ_RUN:
-                runs[-1] = (runs[-1][0], off + cnt, runs[-1][2] + [k])
+            if off == end and off + cnt - runs[-1][0] <= _MAX_READ_RUN:
+                runs[-1][1].append(k)
             else:
-                runs.append((off, off + cnt, [k]))
-        for start, end, members in runs:
+                runs.append((off, [k]))
+            end = off + cnt
+        for start, members in runs:
+            last = members[-1]
             try:
-                data = os.pread(self._fd, end - start, start)
+                data = os.pread(self._fd, offsets[last] + counts[last] - start, start)
             except OSError as exc:
                 raise SlideError(self.path, f"read failed at byte {start} ({exc.strerror})") from exc
             for k in members:
-                a = int(offsets[k]) - start
-                chunk = data[a : a + int(counts[k])]
+                a = offsets[k] - start
+                chunk = data[a : a + counts[k]]
                 if len(chunk) < counts[k]:
                     raise TileDecodeError(self.path, level, indices[k],
-                                          f"tile data truncated ({len(chunk)} of {int(counts[k])} bytes)")
+                                          f"tile data truncated ({len(chunk)} of {counts[k]} bytes)")
                 out[k] = chunk
         return out
 
