@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,13 @@ def test_dry_run_reports_every_section(dry_run) -> None:
     assert "| build | extension imports | ok |" in report
     assert re.search(r"\| decode \| cpu decoder \| ok \| [\d,]+ tiles/s", report)
     assert "model-only: torch eager, batch 8" in report
+    assert "| model-only: torch.compile + CUDA graphs | – | – | skipped: needs CUDA |" in report
+    assert re.search(r"\| end-to-end: gpfm-engine extract, .*, torch eager \| [\d,]+ \|", report)
+    # the compiled engine runs on the CPU too (no CUDA graphs there) and agrees with the eager one
+    if shutil.which("g++") or shutil.which("c++"):
+        assert re.search(r"\| end-to-end: gpfm-engine extract, .*, torch.compile \(CPU: no CUDA graphs\) \| [\d,]+ \|"
+                         r".*buckets \[8\]", report)
+        assert re.search(r"\| end-to-end \| .*torch.compile .* features vs eager \| ok \| same coords: True", report)
     assert re.search(r"gpu_check: \d+ checks, \d+ failed, \d+ section errors", done.stderr)
 
 
