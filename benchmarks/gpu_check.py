@@ -461,6 +461,21 @@ def _model_rate(ctx: Ctx, backend, batch: int) -> float:
         return timed_rate(ctx, lambda: backend.run(x), batch)
 
 
+def _model_compiled(ctx: Ctx, label: str) -> None:
+    batch = ctx.sizes.batch
+    t0 = time.perf_counter()
+    compiled = _model_backend(ctx, compile=True, cuda_graphs=True, buckets=(batch,))
+    x = torch.randn((batch, *compiled.input_shape), device=ctx.device).to(compiled.input_dtype)
+    compiled.run(x)
+    ctx.sync()
+    setup = time.perf_counter() - t0
+    rate = _model_rate(ctx, compiled, batch)
+    ctx.rate(f"model-only: torch.compile + CUDA graphs, batch {batch}", rate, f"{label}; compile+capture {setup:.0f} s")
+    ctx.cache["model_only"] = max(ctx.cache["model_only"], rate)
+    ctx.cache["model_compiled"] = rate
+    check_enqueue_only(ctx, f"backend.run (torch.compile + CUDA graph replay, batch {batch})", lambda: compiled.run(x))
+
+
 def section_model(ctx: Ctx) -> None:
     label = f"{ctx.sizes.model} (random weights) {ctx.sizes.precision}"
     eager = _model_backend(ctx)
@@ -476,19 +491,11 @@ def section_model(ctx: Ctx) -> None:
     elif ctx.left() < 180:
         ctx.rate("model-only: torch.compile + CUDA graphs", None, f"skipped: {ctx.left():.0f} s of budget left")
     else:
-        batch = ctx.sizes.batch
-        t0 = time.perf_counter()
-        compiled = _model_backend(ctx, compile=True, cuda_graphs=True, buckets=(batch,))
-        x = torch.randn((batch, *compiled.input_shape), device=ctx.device).to(compiled.input_dtype)
-        compiled.run(x)
-        ctx.sync()
-        setup = time.perf_counter() - t0
-        rate = _model_rate(ctx, compiled, batch)
-        ctx.rate(f"model-only: torch.compile + CUDA graphs, batch {batch}", rate, f"{label}; compile+capture {setup:.0f} s")
-        ctx.cache["model_only"] = max(ctx.cache["model_only"], rate)
-        ctx.cache["model_compiled"] = rate
-        check_enqueue_only(ctx, f"backend.run (torch.compile + CUDA graph replay, batch {batch})", lambda: compiled.run(x))
-        del compiled
+        try:
+            _model_compiled(ctx, label)
+        except Exception as exc:  # noqa: BLE001 - e.g. no Triton here: report it, measure TensorRT anyway
+            ctx.rate("model-only: torch.compile + CUDA graphs", None, f"failed: {one_line(exc)}")
+            ctx.check("model", "torch.compile + CUDA graphs", False, one_line(exc))
     if importlib.util.find_spec("tensorrt") is None:
         ctx.rate("model-only: TensorRT", None, "skipped: tensorrt not importable")
     elif ctx.device.type != "cuda" or ctx.left() < 200:
@@ -596,10 +603,20 @@ def section_end_to_end(ctx: Ctx) -> None:
         req = dataclasses.replace(base, **variant.options)
         engine = engine_for(req)  # one engine for the warm and the measured run: compiled once
         warm = ""
-        if not ctx.dry_run:  # compilation + graph capture, cuDNN/cuBLAS choices, thread pools, decoder state
-            _, warm_s = _extract(ctx, req, engine, slides[:1], ctx.work / f"out-warm-{k}")
-            warm = f"; warm-up run (1 slide{', compile + capture' if variant.compiled else ''}) {warm_s:.0f} s"
-        patches, seconds = _extract(ctx, req, engine, slides, ctx.work / f"out-{k}")
+        try:
+            if not ctx.dry_run:  # compilation + graph capture, cuDNN/cuBLAS choices, thread pools, decoder state
+                _, warm_s = _extract(ctx, req, engine, slides[:1], ctx.work / f"out-warm-{k}")
+                warm = f"; warm-up run (1 slide{', compile + capture' if variant.compiled else ''}) {warm_s:.0f} s"
+            patches, seconds = _extract(ctx, req, engine, slides, ctx.work / f"out-{k}")
+            buckets = engine.backend.describe().get("buckets")
+        except Exception as exc:  # noqa: BLE001 - the first variant's failure fails the section
+            if not k:
+                raise
+            ctx.rate(name, None, f"failed: {one_line(exc)}")
+            ctx.check("end-to-end", variant.how, False, one_line(exc))
+            continue
+        finally:
+            del engine
         rate = patches / seconds
         ctx.cache.setdefault("e2e", rate)  # the eager engine's default decoder
         if variant.compiled:
@@ -608,8 +625,7 @@ def section_end_to_end(ctx: Ctx) -> None:
                             ctx.work / f"out-{k}" / "h5_files" / "slide0.h5", f"{variant.how} features vs eager")
         ctx.rate(name, rate, f"{len(slides)} slides {size} (overlap {ctx.sizes.e2e_overlap:g}), {patches} patches in "
                              f"{seconds:.1f} s incl. open/mask/grid of the first slide; {ctx.sizes.precision} batch "
-                             f"{ctx.sizes.batch}, buckets {engine.backend.describe().get('buckets')}; h5 written{warm}")
-        del engine
+                             f"{ctx.sizes.batch}, buckets {buckets}; h5 written{warm}")
     e2e, best = ctx.cache["e2e"], max(ctx.cache["e2e"], ctx.cache.get("e2e_compiled", 0.0))
     for label, end, model in (("eager", e2e, ctx.cache.get("model_eager")),
                               ("compile + graphs", ctx.cache.get("e2e_compiled"), ctx.cache.get("model_compiled"))):

@@ -116,7 +116,12 @@ def test_buckets_for_batch_size():
         buckets_for(0)
 
 
-def test_torch_options_auto_rule():
+def test_torch_options_auto_rule(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else
+                        real_find_spec(name, *a))
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert torch_options(cpu, "torch", 64) == {"compile": False, "cuda_graphs": False}
     assert torch_options(cuda, "torch", 64) == {"compile": True, "cuda_graphs": True, "buckets": (16, 64)}
@@ -126,6 +131,10 @@ def test_torch_options_auto_rule():
     assert torch_options(cuda, "tensorrt", 64) == {} and torch_options(cpu, "onnx", 64, compile=False) == {}
     with pytest.raises(GpfmError, match="CUDA graphs need a CUDA device, not cpu"):
         torch_options(cpu, "torch", 64, cuda_graphs=True)
+    # without Triton inductor has no CUDA kernels: auto keeps the graphs, not the compilation
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        real_find_spec(name, *a))
+    assert torch_options(cuda, "torch", 64) == {"compile": False, "cuda_graphs": True, "buckets": (16, 64)}
     with pytest.raises(GpfmError, match="apply to the torch backend, not onnx"):
         torch_options(cpu, "onnx", 64, compile=True)
 

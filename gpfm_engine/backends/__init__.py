@@ -37,8 +37,9 @@ def torch_options(device: torch.device, backend: str, batch_size: int, compile: 
     """The torch backend's ``compile`` / ``cuda_graphs`` / ``buckets`` options for a run.
 
     ``None`` means auto: on for the torch backend on CUDA, where launch overhead is worth removing
-    and the pipeline's fixed batch size makes a few buckets cover every batch; off on CPU, where
-    compiling costs more than a short run gains. ``backend`` is the resolved backend name (other
+    and the pipeline's fixed batch size makes a few buckets cover every batch (compile only when
+    Triton, which inductor's CUDA kernels need, imports); off on CPU, where compiling costs more
+    than a short run gains. ``backend`` is the resolved backend name (other
     backends take no such options). An explicit request that cannot be honoured fails here, before
     any weights are loaded.
     """
@@ -49,7 +50,7 @@ def torch_options(device: torch.device, backend: str, batch_size: int, compile: 
     on_cuda = device.type == "cuda"
     if cuda_graphs and not on_cuda:
         raise GpfmError(f"CUDA graphs need a CUDA device, not {device}")
-    compile = on_cuda if compile is None else bool(compile)
+    compile = (on_cuda and importlib.util.find_spec("triton") is not None) if compile is None else bool(compile)
     cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
     options: dict[str, Any] = {"compile": compile, "cuda_graphs": cuda_graphs}
     if compile or cuda_graphs:
