@@ -152,3 +152,13 @@ def test_bad_arguments():
         decode([b""], "lzw")
     assert set(COMPRESSIONS) == {"jpeg", "jpeg/2", "jpeg/4", "jpeg/8", "jpeg2000", "jpeg2000_ycbcr", "lzw", "deflate",
                                  "none"}
+
+
+def test_scaled_jpeg_is_never_claimed_by_a_gpu_decoder():
+    """GPU plug-ins decode at full size only: a ``jpeg/N`` level must reach the CPU decoder (the
+    pipeline hands a level to a GPU decoder only when its compression is in ``compressions``)."""
+    from gpfm_engine.decode.cpu import SCALED_JPEG
+    from gpfm_engine.decode.gpu import GPU_DECODERS, decoder_class
+
+    for name in GPU_DECODERS:
+        assert not set(SCALED_JPEG) & decoder_class(name).compressions, name
