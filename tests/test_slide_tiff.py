@@ -252,3 +252,39 @@ def test_reduced_levels_follow_openslides_hamamatsu_rule():
     layouts = [TileLayout(512, 12, 8, 342, "jpeg"), TileLayout(512, 12, 2, 86, "jpeg")]
     assert reduced_levels(dims, layouts) == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 4)]
     assert reduced_levels(dims, [layout._replace(compression="lzw") for layout in layouts]) == [(0, 1), (1, 1)]
+
+
+def test_reduced_levels_of_a_synthesized_hamamatsu_layout(slide_factory, monkeypatch):
+    """Without real data: a tiled JPEG pyramid read as Hamamatsu gains OpenSlide's 1/2, 1/4, 1/8
+    levels of its smallest stored level; their pixels equal OpenCV's reduced decode (libjpeg DCT
+    scaling) of the stored tiles (<= 2) and the part of a tile beyond the level's edge is white."""
+    import cv2
+
+    from gpfm_engine.slide import tiff
+
+    def as_hamamatsu(tf, page0):
+        meta = read_metadata(tf, page0)
+        meta.vendor = "hamamatsu"
+        return meta
+
+    read_metadata = tiff.read_metadata
+    monkeypatch.setattr(tiff, "read_metadata", as_hamamatsu)
+    path = make(slide_factory, "tiff", "jpeg")  # stored 517x389, 258x194, 129x97 on 128-px tiles
+    reduce_flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+    with open_slide(path, backend="tiff") as slide:
+        assert slide.level_dimensions == ((517, 389), (258, 194), (129, 97), (64, 48), (32, 24), (16, 12))
+        stored = slide.tile_layout(2)
+        streams = slide.read_raw_tiles(2, range(stored.count))
+        for level, denom in ((3, 2), (4, 4), (5, 8)):
+            layout = slide.tile_layout(level)
+            assert layout == (128 // denom, 128 // denom, stored.columns, stored.rows, f"jpeg/{denom}")
+            tiles = [cv2.cvtColor(cv2.imdecode(np.frombuffer(s, np.uint8), reduce_flags[denom]), cv2.COLOR_BGR2RGB)
+                     for s in streams]
+            mosaic = np.concatenate(tiles, axis=1)  # one row of stored tiles
+            width, height = slide.level_dimensions[level]
+            ours = slide.read_region((0, 0), level, (width, height))
+            assert np.abs(ours.astype(int) - mosaic[:height, :width]).max() <= 2
+            first, beyond = slide.read_tiles(level, [0, 1])  # tile 1 starts at the level's right edge
+            assert first.shape == beyond.shape == (layout.tile_height, layout.tile_width, 3)
+            assert (first[height:] == 255).all() and (beyond == 255).all()
+            assert np.abs(first[:height].astype(int) - mosaic[:height, : layout.tile_width]).max() <= 2
