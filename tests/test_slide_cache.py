@@ -65,3 +65,15 @@ def test_concurrent_use_keeps_the_budget():
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(work, range(8)))
     assert cache.nbytes <= 5000 and cache.nbytes == 100 * len(cache)
+
+
+def test_batch_get_and_put_behave_like_single_calls():
+    one, batch = TileCache(300), TileCache(300)
+    pairs = [(("s", 0, k), tile(k)) for k in range(5)]
+    for key, value in pairs:
+        one.put(key, value.copy())
+    stored = batch.put_many((key, value.copy()) for key, value in pairs)
+    assert all(not v.flags.writeable for v in stored) and len(stored) == 5
+    keys = [key for key, _ in pairs]
+    assert [v is None for v in batch.get_many(keys)] == [one.get(k) is None for k in keys] == [True] * 2 + [False] * 3
+    assert (batch.hits, batch.misses, batch.nbytes) == (one.hits, one.misses, one.nbytes) == (3, 2, 300)

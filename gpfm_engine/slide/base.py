@@ -219,20 +219,20 @@ class Slide(ABC):
         """
         self._check_open()
         indices = self._check_indices(level, indices)
-        found = [self._cache.get((self._cache_token, level, i)) for i in indices]
+        found = self._cache.get_many([(self._cache_token, level, i) for i in indices])
         missing = sorted({i for i, tile in zip(indices, found) if tile is None})
         if missing:
             decoded = dict(zip(missing, self._load_tiles(level, missing, executor)))
-            for i, tile in decoded.items():
-                decoded[i] = self._cache.put((self._cache_token, level, i), tile)
             found = [tile if tile is not None else decoded[i] for i, tile in zip(indices, found)]
         return found
 
     def _load_tiles(self, level: int, indices: list[int], executor: Executor | None) -> list[np.ndarray]:
-        """Read, decode and pad tiles, in about ``TILE_CHUNKS`` chunks on ``executor`` when given
-        (each chunk does its own reads too, so no stage runs serially in the calling thread)."""
+        """Read, decode, pad and cache tiles, in about ``TILE_CHUNKS`` chunks on ``executor`` when
+        given (each chunk does its own reads and cache insertions too, so no stage runs serially
+        in the calling thread)."""
         def load(chunk: list[int]) -> list[np.ndarray]:
-            return [self._pad_tile(level, i, t) for i, t in zip(chunk, self._decode_tiles(level, chunk))]
+            tiles = [self._pad_tile(level, i, t) for i, t in zip(chunk, self._decode_tiles(level, chunk))]
+            return self._cache.put_many(((self._cache_token, level, i), t) for i, t in zip(chunk, tiles))
 
         if executor is None or len(indices) < 2:
             return load(indices)

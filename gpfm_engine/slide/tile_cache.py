@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, Iterable
 
 import numpy as np
 
@@ -43,31 +43,46 @@ class TileCache:
 
     def get(self, key: Hashable) -> np.ndarray | None:
         """The cached array (now most recently used), or None."""
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Iterable[Hashable]) -> list[np.ndarray | None]:
+        """:meth:`get` of every key under one lock acquisition (a batch asks for hundreds of tiles,
+        and a lock round trip per tile is serial work on the thread that waits for the pool)."""
+        out: list[np.ndarray | None] = []
         with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
+            for key in keys:
+                value = self._items.get(key)
+                if value is None:
+                    self.misses += 1
+                else:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                out.append(value)
+        return out
 
     def put(self, key: Hashable, value: np.ndarray) -> np.ndarray:
         """Cache ``value`` (made read-only) and evict least recently used entries over budget."""
-        value.flags.writeable = False
-        size = value.nbytes
-        if size > self.max_bytes:
-            return value
+        return self.put_many([(key, value)])[0]
+
+    def put_many(self, items: Iterable[tuple[Hashable, np.ndarray]]) -> list[np.ndarray]:
+        """:meth:`put` of every ``(key, value)`` in order under one lock acquisition; returns the
+        (now read-only) values. Arrays larger than the whole budget are not cached."""
+        items = list(items)
+        for _, value in items:
+            value.flags.writeable = False
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = value
-            self._bytes += size
+            for key, value in items:
+                if value.nbytes > self.max_bytes:
+                    continue
+                old = self._items.pop(key, None)
+                if old is not None:
+                    self._bytes -= old.nbytes
+                self._items[key] = value
+                self._bytes += value.nbytes
             while self._bytes > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
-        return value
+        return [value for _, value in items]
 
     def discard(self, prefix: Hashable) -> None:
         """Drop every entry whose key tuple starts with ``prefix`` (a closed slide's tiles)."""
