@@ -1,8 +1,9 @@
 """CPU decoding of self-contained tile streams into RGB uint8 arrays.
 
-Codecs come from imagecodecs (libjpeg-turbo, OpenJPEG, zlib, LZW); every codec call releases the
-GIL, so callers get real parallelism by mapping :func:`decode` over their own thread pool
-(:func:`decode_map`). This module starts no threads of its own.
+Codecs come from imagecodecs (libjpeg-turbo, OpenJPEG, zlib, LZW), and from Pillow's
+libjpeg-turbo for reduced-size JPEG decodes (``jpeg/N``, which imagecodecs cannot do); every codec
+call releases the GIL, so callers get real parallelism by mapping :func:`decode` over their own
+thread pool (:func:`decode_map`). This module starts no threads of its own.
 
 A stream that cannot be decoded raises :class:`StreamDecodeError` carrying its position in the
 batch; the slide layer turns that into a ``TileDecodeError`` naming the file, level and tile.
