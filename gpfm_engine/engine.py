@@ -28,7 +28,7 @@ import torch
 
 from gpfm_engine import __version__
 from gpfm_engine.backends import choose_backend, torch_options
-from gpfm_engine.cuda_stream import resolve_device
+from gpfm_engine.cuda_stream import on_engine_stream, resolve_device
 from gpfm_engine.errors import GpfmError
 from gpfm_engine.gather import PatchGather
 from gpfm_engine.grid import GridParams, make_grid
@@ -135,6 +135,7 @@ class Engine:
         resolved = choose_backend(self.device, self.precision) if backend == "auto" else backend
         self.backend_options = dict(torch_options(self.device, resolved, self.batch_size, compile, cuda_graphs),
                                     **(backend_options or {}))
+        self._compile_requested = bool(compile or cuda_graphs)  # explicit: a failure is an error, not a fallback
         geometry = {k: v for k, v in geometry.items() if v is not None}
         if "tissue_threshold" in geometry:
             geometry["threshold"] = geometry.pop("tissue_threshold")
@@ -154,10 +155,29 @@ class Engine:
         if self._backend is None:
             from gpfm_engine.backends import create_backend
 
-            self._backend = create_backend(self.backend_name, self.model_name, weights=self.weights,
-                                           device=str(self.device), precision=self.precision,
-                                           **self.backend_options)
+            backend = create_backend(self.backend_name, self.model_name, weights=self.weights,
+                                     device=str(self.device), precision=self.precision, **self.backend_options)
+            if getattr(backend, "buckets", None):
+                self._warm_up(backend)
+            self._backend = backend
         return self._backend
+
+    def _warm_up(self, backend: Any) -> None:
+        """Compile and capture the torch backend's buckets before any slide; when that fails and
+        compilation was only the CUDA default, fall back to the eager model with a warning."""
+        t0 = time.perf_counter()
+        try:
+            with on_engine_stream(self.device):
+                backend.warmup()
+        except Exception as exc:  # noqa: BLE001 - inductor/Triton/graph-capture failures have many types
+            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if self._compile_requested:
+                raise GpfmError(f"torch.compile / CUDA graphs of {self.model_name} failed: {line}") from exc
+            log.warning("torch.compile / CUDA graphs of %s failed (%s); running the model eagerly", self.model_name, line)
+            backend.use_eager()
+            return
+        log.info("%s: buckets %s compiled=%s cuda_graphs=%s ready in %.1f s", self.model_name, list(backend.buckets),
+                 backend.compiled, backend.cuda_graphs, time.perf_counter() - t0)
 
     @property
     def gpu_decoder(self):

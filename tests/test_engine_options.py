@@ -57,3 +57,41 @@ def test_impossible_requests_fail_before_weights_load(tmp_path: Path) -> None:
         Engine(model="gpfm-tiny", weights=missing, device="cpu", backend="onnx", compile=True)
     onnx = Engine(model="gpfm-tiny", weights=missing, device="cpu", backend="onnx", backend_options={"threads": 1})
     assert onnx.backend_options == {"threads": 1}
+
+
+def _failing_compile(model, **kwargs):
+    def broken(x):
+        raise RuntimeError("inductor could not build a kernel\nsecond line")
+    return broken
+
+
+def test_compile_failure_falls_back_only_when_it_was_the_default(tiny_weights: Path, monkeypatch, caplog) -> None:
+    import gpfm_engine.engine as engine_module
+
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    x = torch.zeros((3, 3, 224, 224))
+    explicit = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu", batch_size=4, compile=True)
+    with pytest.raises(GpfmError, match=r"torch.compile / CUDA graphs of gpfm-tiny failed: RuntimeError: inductor "
+                                        r"could not build a kernel$"):
+        explicit.backend
+    # the CUDA default (simulated here on the CPU): a warning, then the eager model
+    monkeypatch.setattr(engine_module, "torch_options",
+                        lambda *a: {"compile": True, "cuda_graphs": False, "buckets": (4,)})
+    auto = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu", batch_size=4)
+    with caplog.at_level("WARNING"):
+        backend = auto.backend
+    assert "running the model eagerly" in caplog.text
+    assert not backend.compiled and backend.buckets is None
+    with torch.inference_mode():
+        torch.testing.assert_close(backend.run(x), backend.model(x))
+
+
+def test_buckets_are_ready_before_the_first_batch(tiny_weights: Path, compile_calls: list[dict], monkeypatch) -> None:
+    from gpfm_engine.backends.torch_backend import TorchBackend
+
+    seen: list[int] = []
+    real = TorchBackend._run_bucketed
+    monkeypatch.setattr(TorchBackend, "_run_bucketed", lambda self, chunk: seen.append(len(chunk)) or real(self, chunk))
+    engine = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu", batch_size=64, compile=True)
+    engine.backend
+    assert seen == [16, 64]  # every bucket warmed up once, at creation

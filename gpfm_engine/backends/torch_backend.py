@@ -106,6 +106,24 @@ class TorchBackend(Backend):
             chunk = torch.cat((chunk, chunk.new_zeros((bucket - n, *chunk.shape[1:]))))
         return self._fn(chunk)[:n].float()
 
+    def warmup(self) -> None:
+        """Compile (and capture) every bucket now rather than at its first batch: compiling ViT-L
+        takes tens of seconds, which should neither stall a slide mid-stream nor fail one there."""
+        if self.buckets is None:
+            return
+        with torch.inference_mode():
+            for bucket in self.buckets:
+                self._run_bucketed(torch.zeros((bucket, *self.input_shape), dtype=self.input_dtype, device=self.device))
+
+    def use_eager(self) -> None:
+        """Drop the compiled function, the captured graphs and the buckets: plain eager calls from
+        now on (the engine's fallback when compilation fails and nobody asked for it explicitly)."""
+        self._fn = self.model
+        self.compiled = self.cuda_graphs = False
+        self.buckets = None
+        self._graphs.clear()
+        self._pool = None
+
     def _capture(self, bucket: int) -> _Captured:
         """Warm up (compile, autotune, pick kernels) on a side stream, then capture one replayable graph."""
         log.info("capturing a CUDA graph for batch %d (%s, %s)", bucket, self.cfg.name, self.precision)
