@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gpfm_engine import _core
 from gpfm_engine.tissue import (LEVEL_MPP_TOLERANCE, TissueMask, finest_level_at_most, level_mpp, segment_tissue,
                                 slide_mpp, slide_path)
 
@@ -145,14 +146,25 @@ def make_grid(slide: Any, mask: TissueMask | None = None, params: GridParams | N
         return _empty(slide, geometry, reason)
     if mask is None:
         mask = segment_tissue(slide, mpp=mpp)
-    coords = candidate_coords(width, height, stride)
-    fraction = mask.fractions(coords, size_int)
-    keep = fraction >= params.threshold
-    if not keep.any():
+    coords, fraction = kept_patches(mask, width, height, stride, size_int, params.threshold)
+    if not len(coords):
         reason = ("no tissue found" if mask.integral[-1, -1] == 0
                   else f"no patch reaches the tissue threshold {params.threshold:g}")
         return _empty(slide, geometry, reason)
-    return PatchGrid(coords=coords[keep], tissue_fraction=fraction[keep].astype(np.float32), **geometry)
+    return PatchGrid(coords=coords, tissue_fraction=fraction, **geometry)
+
+
+def kept_patches(mask: TissueMask, width: int, height: int, stride: float, size: int,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The :func:`candidate_coords` whose ``mask.fractions`` is >= ``threshold`` (int64 [N, 2]) and
+    those fractions (float32 [N]), in one compiled pass over the lattice: per-candidate NumPy work
+    would cost more than segmenting a small thumbnail."""
+    n_max = math.ceil(width / stride) * math.ceil(height / stride)
+    coords = np.empty((n_max, 2), np.int64)
+    fraction = np.empty(n_max, np.float32)
+    n = _core.patch_grid(mask.integral, width, height, stride, size, mask.scale[0], mask.scale[1], threshold,
+                         coords, fraction)
+    return coords[:n], fraction[:n]
 
 
 def _empty(slide: Any, geometry: dict, reason: str) -> PatchGrid:

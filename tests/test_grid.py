@@ -15,7 +15,7 @@ import pytest
 
 import tissue_reference as ref
 from gpfm_engine.errors import SlideError
-from gpfm_engine.grid import GridParams, candidate_coords, make_grid
+from gpfm_engine.grid import GridParams, candidate_coords, kept_patches, make_grid
 from gpfm_engine.slide import open_slide
 from gpfm_engine.tissue import TissueMask, TissueParams, segment_tissue
 
@@ -137,3 +137,26 @@ def test_magnification_sugar_uses_the_real_mpp(slide_factory) -> None:
 def test_invalid_params(kwargs) -> None:
     with pytest.raises(ValueError):
         GridParams(**kwargs)
+
+
+@pytest.mark.parametrize("seed, stride, size, threshold", [(0, 512.0, 512, 0.25), (1, 333.7, 401, 0.1),
+                                                           (2, 97.25, 130, 0.6), (3, 1000.5, 1200, 0.0)])
+def test_compiled_lattice_equals_candidates_and_mask_fractions(seed: int, stride: float, size: int,
+                                                               threshold: float) -> None:
+    """make_grid's compiled pass keeps exactly the candidate_coords whose TissueMask.fractions
+    reaches the threshold, with the same fractions (bit for bit), on blobby random masks whose mask
+    pixels cover a non-integer number of level-0 pixels."""
+    rng = np.random.default_rng(seed)
+    h, w = 57 + seed, 83 - seed
+    mask = (cv2.GaussianBlur(rng.random((h, w)), (0, 0), 2.0) > 0.5).astype(np.uint8)
+    integral = np.zeros((h + 1, w + 1), np.int32)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    width, height = round(w * 31.3), round(h * 29.7)
+    tm = TissueMask(mask, integral, np.zeros((h, w, 3), np.uint8), (8.0, 8.0), (width / w, height / h),
+                    (width, height), 0, 0)
+    coords, fraction = kept_patches(tm, width, height, stride, size, threshold)
+    candidates = candidate_coords(width, height, stride)
+    reference = tm.fractions(candidates, size)
+    keep = reference >= threshold
+    assert np.array_equal(coords, candidates[keep])
+    assert np.array_equal(fraction, reference[keep].astype(np.float32))

@@ -1,6 +1,12 @@
 // CPU launchers of the tissue-mask steps: threads over rows (gpfm::parallel_for), the per-row and
 // per-pixel work in gpfm/tissue.h. Called with the GIL released.
+// The wide pixel vectors below (and the network templates of gpfm/tissue.h instantiated with
+// them) only run inside the flattened AVX functions, all internal, so GCC's note that passing them
+// in baseline code changes the ABI concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -15,76 +21,111 @@ using namespace tissue;
 
 using Words = std::vector<uint64_t>;
 
-// 16 pixels at a time through the median networks (GCC vector extension: SSE2 pminub/pmaxub on
-// x86-64, NEON on ARM).
+// The median networks run on vectors of pixels (GCC vector extensions): 16 at a time with the
+// baseline ISA (SSE2 pminub/pmaxub on x86-64, NEON on ARM), 32 with AVX2 and 64 with AVX-512BW
+// where the CPU has them (chosen once at run time; the outputs are the same bytes).
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
+typedef uint8_t U8x32 __attribute__((vector_size(32)));
+typedef uint8_t U8x64 __attribute__((vector_size(64)));
+constexpr int kMaxVector = 64;
 
+template <class V>
 struct VectorMinMax {
-  static U8x16 lo(U8x16 a, U8x16 b) { return a < b ? a : b; }
-  static U8x16 hi(U8x16 a, U8x16 b) { return a < b ? b : a; }
+  static V lo(V a, V b) { return a < b ? a : b; }
+  static V hi(V a, V b) { return a < b ? b : a; }
 };
 
-U8x16 load16(const uint8_t* p) {
-  U8x16 v;
+template <class V>
+V load(const uint8_t* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-void store16(uint8_t* p, U8x16 v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+void store(uint8_t* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 // Row y of the k x k median (k = K) through the networks. Each window column is sorted once into
 // `cols` (K sorted planes of `cw` bytes, the row's columns at offset r, replicated beyond the
-// edges), then the median of each window's K sorted columns is selected, 16 windows at a time.
-template <int K>
+// edges), then the median of each window's K sorted columns is selected, one vector of windows
+// at a time.
+template <int K, class V>
 void median_row_network(const uint8_t* src, int64_t stride, int h, int w, int y, uint8_t* out, uint8_t* cols,
                         int64_t cw) {
-  constexpr int r = K / 2, P = MedianNetwork<K>::P;
+  constexpr int r = K / 2, P = MedianNetwork<K>::P, N = sizeof(V);
   const uint8_t* rows[K];
   for (int i = 0; i < K; ++i) rows[i] = src + static_cast<int64_t>(clampi(y - r + i, 0, h - 1)) * stride;
-  for (int x0 = 0; x0 < w; x0 += 16) {
-    U8x16 in[K], sorted[K];
+  for (int x0 = 0; x0 < w; x0 += N) {
+    V in[K], sorted[K];
     for (int i = 0; i < K; ++i) {
-      if (x0 + 16 <= w) {
-        in[i] = load16(rows[i] + x0);
+      if (x0 + N <= w) {
+        in[i] = load<V>(rows[i] + x0);
       } else {  // the row's last partial vector
-        uint8_t tail[16] = {0};
+        uint8_t tail[N] = {0};
         std::memcpy(tail, rows[i] + x0, static_cast<size_t>(w - x0));
-        in[i] = load16(tail);
+        in[i] = load<V>(tail);
       }
     }
-    sort_column<K, VectorMinMax>(in, sorted);
-    for (int i = 0; i < K; ++i) store16(cols + i * cw + r + x0, sorted[i]);
+    sort_column<K, VectorMinMax<V>>(in, sorted);
+    for (int i = 0; i < K; ++i) store(cols + i * cw + r + x0, sorted[i]);
   }
   for (int i = 0; i < K; ++i) {
     uint8_t* plane = cols + i * cw;
     std::memset(plane, plane[r], r);
     std::memset(plane + r + w, plane[r + w - 1], static_cast<size_t>(cw - r - w));
   }
-  for (int x0 = 0; x0 < w; x0 += 16) {
-    U8x16 v[P * P];
+  for (int x0 = 0; x0 < w; x0 += N) {
+    V v[P * P];
     for (int c = 0; c < K; ++c)
-      for (int i = 0; i < K; ++i) v[c * P + i] = load16(cols + i * cw + x0 + c);
-    const U8x16 m = select_median<K, VectorMinMax>(v);
-    if (x0 + 16 <= w) {
-      store16(out + x0, m);
+      for (int i = 0; i < K; ++i) v[c * P + i] = load<V>(cols + i * cw + x0 + c);
+    const V m = select_median<K, VectorMinMax<V>>(v);
+    if (x0 + N <= w) {
+      store(out + x0, m);
     } else {
-      uint8_t tail[16];
-      store16(tail, m);
+      uint8_t tail[N];
+      store(tail, m);
       std::memcpy(out + x0, tail, static_cast<size_t>(w - x0));
     }
   }
 }
 
+using MedianRowFn = void (*)(const uint8_t*, int64_t, int, int, int, uint8_t*, uint8_t*, int64_t);
+
+#if defined(__x86_64__)
+// The AVX2 build of a network row; flatten inlines the networks so they are compiled for AVX2 too.
+template <int K>
+__attribute__((target("avx2"), flatten)) void median_row_avx2(const uint8_t* src, int64_t stride, int h, int w, int y,
+                                                               uint8_t* out, uint8_t* cols, int64_t cw) {
+  median_row_network<K, U8x32>(src, stride, h, w, y, out, cols, cw);
+}
+template <int K>
+__attribute__((target("avx512bw"), flatten)) void median_row_avx512(const uint8_t* src, int64_t stride, int h, int w, int y,
+                                                               uint8_t* out, uint8_t* cols, int64_t cw) {
+  median_row_network<K, U8x64>(src, stride, h, w, y, out, cols, cw);
+}
+#endif
+
+// The network row for K on this CPU.
+template <int K>
+MedianRowFn median_row_for_cpu() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512bw")) return median_row_avx512<K>;
+  if (__builtin_cpu_supports("avx2")) return median_row_avx2<K>;
+#endif
+  return median_row_network<K, U8x16>;
+}
+
 // One row of the k x k median: networks for k = 3, 5, 7, the sliding histogram otherwise.
 void median_any_row(const uint8_t* src, int64_t h, int64_t w, int k, int64_t y, uint8_t* out, uint8_t* cols,
                     int64_t cw) {
+  static const MedianRowFn network[3] = {median_row_for_cpu<3>(), median_row_for_cpu<5>(), median_row_for_cpu<7>()};
   const int hi = static_cast<int>(h), wi = static_cast<int>(w), yi = static_cast<int>(y);
-  switch (k) {
-    case 1: std::memcpy(out, src + y * w, static_cast<size_t>(w)); return;
-    case 3: return median_row_network<3>(src, w, hi, wi, yi, out, cols, cw);
-    case 5: return median_row_network<5>(src, w, hi, wi, yi, out, cols, cw);
-    case 7: return median_row_network<7>(src, w, hi, wi, yi, out, cols, cw);
-    default: median_row(src, w, hi, wi, k, yi, out);
+  if (k == 1) {
+    std::memcpy(out, src + y * w, static_cast<size_t>(w));
+  } else if (has_median_network(k)) {
+    network[k / 2 - 1](src, w, hi, wi, yi, out, cols, cw);
+  } else {
+    median_row(src, w, hi, wi, k, yi, out);
   }
 }
 
@@ -97,9 +138,20 @@ int64_t row_grain(int64_t w, int64_t task_pixels = kLightTaskPixels) {
   return std::max<int64_t>(1, task_pixels / std::max<int64_t>(w, 1));
 }
 
+// parallel_for, but a range that makes one task runs inline: most thumbnails are a few hundred
+// rows, and asking the pool costs more than such a pass (thread count lookup, std::function).
+template <class Fn>
+void split(int64_t n, int64_t grain, Fn&& fn) {
+  if (n <= grain) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+  parallel_for(n, grain, fn);
+}
+
 template <class Fn>
 void for_rows(int64_t h, int64_t w, Fn&& fn) {
-  parallel_for(h, row_grain(w), [&](int64_t b, int64_t e) {
+  split(h, row_grain(w), [&](int64_t b, int64_t e) {
     for (int64_t y = b; y < e; ++y) fn(static_cast<int>(y));
   });
 }
@@ -113,8 +165,8 @@ SaturationTable saturation_table() {
 // The median plane and, when `hist` is given, its 256-bin histogram in the same pass.
 void median_pass(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, int64_t* hist) {
   if (hist) std::fill(hist, hist + 256, 0);
-  const int64_t cw = (w + 15) / 16 * 16 + k + 16;  // a sorted-column plane, with the replicated edges
-  parallel_for(h, row_grain(w, kMedianTaskPixels * 7 / std::max(k, 7)), [&](int64_t b, int64_t e) {
+  const int64_t cw = (w + kMaxVector - 1) / kMaxVector * kMaxVector + k + kMaxVector;  // a sorted-column plane, with the replicated edges
+  split(h, row_grain(w, kMedianTaskPixels * 7 / std::max(k, 7)), [&](int64_t b, int64_t e) {
     int64_t local[256] = {0};
     std::vector<uint8_t> cols(has_median_network(k) ? k * cw : 0);
     for (int64_t y = b; y < e; ++y) {
@@ -144,7 +196,7 @@ void morph_once(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, int k,
   const Ellipse e = make_ellipse(k);
   const int hi = static_cast<int>(h), wi = static_cast<int>(w);
   const int64_t nw = words_for(wi);
-  parallel_for(h, row_grain(w), [&](int64_t b, int64_t end) {
+  split(h, row_grain(w), [&](int64_t b, int64_t end) {
     const int64_t y0 = std::max<int64_t>(b - e.r, 0), y1 = std::min<int64_t>(end + e.r, h);
     const int64_t plane = (y1 - y0) * nw;
     std::unique_ptr<uint64_t[]> dilated(new uint64_t[plane * e.n]);
@@ -201,16 +253,40 @@ void filter_packed(uint64_t* bits, uint64_t* scratch, int64_t h, int64_t w, int6
   component_pass(scratch, bits, h, w, 0, false, min_hole_px);
 }
 
+// The common packed-RGB row, without the alpha branch; the AVX2 build vectorizes it (table
+// gathers), which needs the promise that the output aliases neither input.
+void score_rgb_row(const uint8_t* __restrict row, int64_t w, int dark_threshold,
+                   const SaturationTable& __restrict table, uint8_t* __restrict out) {
+  for (int64_t x = 0; x < w; ++x) out[x] = tissue_score(row[3 * x], row[3 * x + 1], row[3 * x + 2], dark_threshold, table);
+}
+
+using ScoreRowFn = void (*)(const uint8_t*, int64_t, int, const SaturationTable&, uint8_t*);
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"), flatten)) void score_rgb_row_avx2(const uint8_t* row, int64_t w, int dark_threshold,
+                                                                  const SaturationTable& table, uint8_t* out) {
+  score_rgb_row(row, w, dark_threshold, table, out);
+}
+#endif
+
+ScoreRowFn score_row_for_cpu() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx2")) return score_rgb_row_avx2;
+#endif
+  return score_rgb_row;
+}
+
 }  // namespace
 
 void tissue_score_cpu(const TissueImage& src, uint8_t* dst, int dark_threshold) {
+  static const ScoreRowFn score_rgb = score_row_for_cpu();
   const int channels = static_cast<int>(src.channels);
   const SaturationTable table = saturation_table();
   for_rows(src.h, src.w, [&](int y) {
     const uint8_t* row = src.data + y * src.sy;
     uint8_t* out = dst + y * src.w;
-    if (channels == 3 && src.sx == 3) {  // the common packed-RGB case, without the alpha branch
-      for (int64_t x = 0; x < src.w; ++x) out[x] = tissue_score(row[3 * x], row[3 * x + 1], row[3 * x + 2], dark_threshold, table);
+    if (channels == 3 && src.sx == 3) {
+      score_rgb(row, src.w, dark_threshold, table, out);
     } else {
       for (int64_t x = 0; x < src.w; ++x) out[x] = score_pixel(row + x * src.sx, channels, dark_threshold, table);
     }
@@ -223,7 +299,7 @@ void median_blur_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int
 
 void histogram256_cpu(const uint8_t* src, int64_t n, int64_t* hist) {
   std::fill(hist, hist + 256, 0);
-  parallel_for(n, kLightTaskPixels, [&](int64_t b, int64_t e) {
+  split(n, kLightTaskPixels, [&](int64_t b, int64_t e) {
     int64_t local[256] = {0};
     for (int64_t i = b; i < e; ++i) ++local[src[i]];
     for (int i = 0; i < 256; ++i)
@@ -256,12 +332,39 @@ void filter_components_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t 
 void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w) {
   const int64_t stride = w + 1;
   std::fill(sat, sat + stride, 0);
+  if (h * w <= kLightTaskPixels) {  // one task: a single pass, each row from the one above
+    for (int64_t y = 0; y < h; ++y) integral_row(mask + y * w, static_cast<int>(w), sat + y * stride, sat + (y + 1) * stride);
+    return;
+  }
   for_rows(h, w, [&](int y) { row_prefix(mask + y * w, static_cast<int>(w), sat + (y + 1) * stride); });
   const int64_t chunk = std::max<int64_t>(1024, kLightTaskPixels / std::max<int64_t>(h, 1));  // columns per task
   parallel_for((stride + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
     accumulate_columns(sat, stride, static_cast<int>(h), static_cast<int>(b * chunk),
                        static_cast<int>(std::min(stride, e * chunk)));
   });
+}
+
+int64_t patch_grid_cpu(const int32_t* sat, int64_t h, int64_t w, const PatchLattice& g, int64_t* coords,
+                       float* fractions) {
+  const int64_t nx = static_cast<int64_t>(std::ceil(g.width / g.stride));
+  const int64_t ny = static_cast<int64_t>(std::ceil(g.height / g.stride));
+  int64_t n = 0;
+  for (int64_t j = 0; j < ny; ++j) {
+    const int64_t y = lattice_position(j, g.stride);
+    if (y >= g.height) break;
+    for (int64_t i = 0; i < nx; ++i) {
+      const int64_t x = lattice_position(i, g.stride);
+      if (x >= g.width) break;
+      const double f = rect_fraction(sat, static_cast<int>(h), static_cast<int>(w), static_cast<double>(x),
+                                     static_cast<double>(y), g.size, g.size, g.scale_x, g.scale_y);
+      if (f >= g.threshold) {
+        coords[2 * n] = x;
+        coords[2 * n + 1] = y;
+        fractions[n++] = static_cast<float>(f);
+      }
+    }
+  }
+  return n;
 }
 
 int segment_tissue_cpu(const TissueImage& src, const MaskParams& p, uint8_t* mask, int32_t* sat) {

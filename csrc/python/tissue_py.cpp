@@ -1,6 +1,7 @@
 // Bindings of the tissue-mask launchers: argument checks, device dispatch, GIL release.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -186,6 +187,30 @@ void segment_tissue(const py::handle& src_obj, const py::handle& mask_obj, const
   *l = segment_tissue_cpu(img, p, m, s);
 }
 
+int64_t patch_grid(const py::handle& sat_obj, int64_t width, int64_t height, double stride, double size,
+                   double scale_x, double scale_y, double threshold, const py::handle& coords_obj,
+                   const py::handle& fractions_obj) {
+  const TensorView sat = view_of(sat_obj, "sat"), coords = view_of(coords_obj, "coords");
+  const TensorView fractions = view_of(fractions_obj, "fractions");
+  expect_plane(sat, "sat", ScalarKind::I32);
+  if (sat.on_cuda || coords.on_cuda || fractions.on_cuda)
+    throw py::value_error("patch_grid: expected host arrays (the lattice is read on the CPU)");
+  if (width < 1 || height < 1 || !(stride > 0) || !(size > 0) || !(scale_x > 0) || !(scale_y > 0))
+    throw py::value_error("patch_grid: width, height, stride, size and scales must be positive");
+  const int64_t n_max = static_cast<int64_t>(std::ceil(width / stride)) * static_cast<int64_t>(std::ceil(height / stride));
+  expect_plane(coords, "coords", ScalarKind::I64, n_max, 2, true);
+  expect(fractions, "fractions", ScalarKind::F32, 1);
+  if (fractions.shape[0] != n_max || !fractions.c_contiguous() || fractions.readonly)
+    throw py::value_error("fractions: expected a writable contiguous float32[" + std::to_string(n_max) + "], got " +
+                          fractions.describe());
+  const PatchLattice lattice{width, height, stride, size, scale_x, scale_y, threshold};
+  const auto* table = static_cast<const int32_t*>(sat.data);
+  auto* xy = static_cast<int64_t*>(coords.data);
+  auto* f = static_cast<float*>(fractions.data);
+  py::gil_scoped_release release;
+  return patch_grid_cpu(table, sat.shape[0] - 1, sat.shape[1] - 1, lattice, xy, f);
+}
+
 }  // namespace
 
 void init_tissue(py::module_& m) {
@@ -213,6 +238,13 @@ void init_tissue(py::module_& m) {
         "The whole mask chain (score, median, Otsu or fixed level, close, open, components, integral) in one call; "
         "the level used is written to level[0]. Host arrays run on the CPU threads with the GIL released; CUDA "
         "arrays on `stream` without synchronising.");
+  m.def("patch_grid", &patch_grid, py::arg("sat"), py::arg("width"), py::arg("height"), py::arg("stride"),
+        py::arg("size"), py::arg("scale_x"), py::arg("scale_y"), py::arg("threshold"), py::arg("coords"),
+        py::arg("fractions"),
+        "Row-major level-0 top-lefts round(i * stride) of a width x height image whose size x size patch has a "
+        "tissue fraction >= threshold on the summed-area table sat (one mask pixel = scale_x x scale_y level-0 "
+        "pixels), written to coords int64 [n_max, 2] and fractions float32 [n_max] (n_max = ceil(width / stride) "
+        "* ceil(height / stride)); returns how many were kept.");
 }
 
 }  // namespace gpfm::py_glue

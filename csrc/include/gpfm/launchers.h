@@ -59,6 +59,18 @@ void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w)
 // The whole chain above; returns the threshold level used.
 int segment_tissue_cpu(const TissueImage& src, const MaskParams& params, uint8_t* mask, int32_t* sat);
 
+// Patch lattice over a width x height level-0 image: top-lefts round(i * stride) inside it, patches
+// of size x size level-0 pixels; one mask pixel covers scale_x x scale_y level-0 pixels.
+struct PatchLattice {
+  int64_t width, height;
+  double stride, size, scale_x, scale_y, threshold;
+};
+// Writes the row-major top-lefts (int64 [n, 2]) whose tissue fraction (on the mask's summed-area
+// table sat [h + 1, w + 1]) is >= threshold, and those fractions; returns n. The outputs hold
+// room for every lattice position.
+int64_t patch_grid_cpu(const int32_t* sat, int64_t h, int64_t w, const PatchLattice& lattice, int64_t* coords,
+                       float* fractions);
+
 #ifdef GPFM_WITH_CUDA
 int tissue_score_cuda(const TissueImage& src, uint8_t* dst, int dark_threshold, void* stream);
 int median_blur_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, void* stream);

@@ -126,9 +126,10 @@ GPFM_HD int saturation_u8(int r, int g, int b, const SaturationTable& t) {
 
 // Saturation, forced to 0 where the brightest channel is below `dark_threshold`: black borders,
 // dark pen and scanner debris are saturated but never tissue on a brightfield slide.
+// Branch-free, so that a row of pixels vectorizes.
 GPFM_HD uint8_t tissue_score(int r, int g, int b, int dark_threshold, const SaturationTable& t) {
-  if (imax(r, imax(g, b)) < dark_threshold) return 0;
-  return static_cast<uint8_t>(saturation_u8(r, g, b, t));
+  const int s = saturation_u8(r, g, b, t);
+  return static_cast<uint8_t>(imax(r, imax(g, b)) < dark_threshold ? 0 : s);
 }
 
 // One pixel of an RGB (channels == 3) or RGBA (channels == 4) image; channels are packed.
@@ -650,12 +651,55 @@ GPFM_HD void row_prefix(const uint8_t* row, int w, int32_t* prefix) {
   }
 }
 
+// Row y + 1 of the table from row y (`above`) in one pass: the serial form of the two steps.
+GPFM_HD void integral_row(const uint8_t* row, int w, const int32_t* above, int32_t* out) {
+  int32_t s = 0;
+  out[0] = 0;
+  for (int x = 0; x < w; ++x) {
+    s += row[x] != 0;
+    out[x + 1] = above[x + 1] + s;
+  }
+}
+
 GPFM_HD void accumulate_columns(int32_t* sat, int64_t stride, int h, int x0, int x1) {
   for (int y = 1; y <= h; ++y) {
     int32_t* row = sat + y * stride;
     const int32_t* above = row - stride;
     for (int x = x0; x < x1; ++x) row[x] += above[x];
   }
+}
+
+// ---- patch tissue fractions --------------------------------------------------------------------
+// A patch's tissue fraction is the exact area integral of the mask over its rectangle: the table
+// is bilinear inside each mask pixel, because the mask is constant there. The double arithmetic
+// is TissueMask.fractions' (NumPy) step for step, so both give the same bits.
+
+// Mask area in [0, u] x [0, v] (mask pixels, real-valued corners) of an h x w mask.
+GPFM_HD double area_below(const int32_t* sat, int64_t stride, int h, int w, double u, double v) {
+  u = u < 0.0 ? 0.0 : (u > w ? static_cast<double>(w) : u);
+  v = v < 0.0 ? 0.0 : (v > h ? static_cast<double>(h) : v);
+  const int i = imin(static_cast<int>(floor(u)), w - 1), j = imin(static_cast<int>(floor(v)), h - 1);
+  const double a = u - i, b = v - j;
+  const int32_t* t0 = sat + j * stride + i;
+  const int32_t* t1 = t0 + stride;
+  return (1 - a) * (1 - b) * t0[0] + a * (1 - b) * t0[1] + (1 - a) * b * t1[0] + a * b * t1[1];
+}
+
+// Tissue fraction of the level-0 rectangle (x0, y0, pw, ph); one mask pixel is sx x sy level-0
+// pixels, and area outside the mask counts as background.
+GPFM_HD double rect_fraction(const int32_t* sat, int h, int w, double x0, double y0, double pw, double ph, double sx,
+                             double sy) {
+  const int64_t stride = w + 1;
+  const double du = pw / sx, dv = ph / sy;
+  const double u0 = x0 / sx, v0 = y0 / sy, u1 = u0 + du, v1 = v0 + dv;
+  const double area = area_below(sat, stride, h, w, u1, v1) - area_below(sat, stride, h, w, u0, v1) -
+                      area_below(sat, stride, h, w, u1, v0) + area_below(sat, stride, h, w, u0, v0);
+  return area / (du * dv);
+}
+
+// Level-0 position of lattice step i: round(i * stride), half to even as NumPy rounds.
+GPFM_HD int64_t lattice_position(int64_t i, double stride) {
+  return static_cast<int64_t>(rint(static_cast<double>(i) * stride));
 }
 
 }  // namespace gpfm::tissue
