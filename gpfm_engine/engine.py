@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -147,19 +148,22 @@ class Engine:
             tissue = TissueParams(**tissue)
         self.tissue_params = tissue
         self._backend = None
+        self._backend_lock = threading.Lock()
 
     # ------------------------------------------------------------------ model side
     @property
     def backend(self):
-        """The inference backend, created (weights loaded) on first use."""
-        if self._backend is None:
-            from gpfm_engine.backends import create_backend
+        """The inference backend, created (weights loaded, buckets compiled) on first use, once even
+        when the pipeline's threads ask at the same time (the recipe needs its weights hash)."""
+        with self._backend_lock:
+            if self._backend is None:
+                from gpfm_engine.backends import create_backend
 
-            backend = create_backend(self.backend_name, self.model_name, weights=self.weights,
-                                     device=str(self.device), precision=self.precision, **self.backend_options)
-            if getattr(backend, "buckets", None):
-                self._warm_up(backend)
-            self._backend = backend
+                backend = create_backend(self.backend_name, self.model_name, weights=self.weights,
+                                         device=str(self.device), precision=self.precision, **self.backend_options)
+                if getattr(backend, "buckets", None):
+                    self._warm_up(backend)
+                self._backend = backend
         return self._backend
 
     def _warm_up(self, backend: Any) -> None:
@@ -231,7 +235,7 @@ class Engine:
     def plan(self, slide: Any) -> SlidePlan:
         """Tissue mask and patch grid of an open slide (no pixels beyond the thumbnail are read)."""
         t0 = time.perf_counter()
-        mask = segment_tissue(slide, self.tissue_params)
+        mask = segment_tissue(slide, self.tissue_params, skip_corrupt_tiles=self.on_tile_error == "skip")
         grid = make_grid(slide, mask, self.grid_params)
         level = int(grid.read_level)
         layout = slide.tile_layout(level)
