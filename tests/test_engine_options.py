@@ -1,4 +1,6 @@
-"""Backend options through the Python API: ``Engine(compile=..., cuda_graphs=..., backend_options=...)``.
+"""Backend options through the Python API: ``Engine(compile=..., cuda_graphs=..., backend_options=...)``;
+buckets compiled when the backend is created; a failed compilation is an error when asked for and a
+warning + eager model when it was only the default.
 
 The auto rule itself is tested in test_backends.py, and compiled-vs-eager numerics (a real
 inductor compile) in test_backends.py too; here ``torch.compile`` is replaced by a recorder so the
