@@ -142,7 +142,7 @@ def slide_case(path: Path) -> Case:
     from gpfm_engine.slide import open_slide
 
     slide = open_slide(path)
-    thumbnail, _ = read_thumbnail(slide, slide_mpp(slide), TissueParams().mpp)
+    thumbnail = read_thumbnail(slide, slide_mpp(slide), TissueParams().mpp).pixels
     return Case(path.name, thumbnail, slide)
 
 

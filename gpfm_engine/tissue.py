@@ -11,15 +11,18 @@ summed-area table that answers "which fraction of this rectangle is tissue" in O
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from gpfm_engine import _core
-from gpfm_engine.errors import SlideError
+from gpfm_engine.errors import SlideError, TileDecodeError
+
+logger = logging.getLogger(__name__)
 
 MPP = tuple[float, float]
 
@@ -83,7 +86,8 @@ class TissueMask:
     """A slide's tissue mask and the summed-area table behind :meth:`fraction`.
 
     ``mask`` is uint8 0/1 [H, W]; ``integral`` int32 [H + 1, W + 1]; one mask pixel covers
-    ``scale`` level-0 pixels per axis (= ``mpp_um`` micrometres).
+    ``scale`` level-0 pixels per axis (= ``mpp_um`` micrometres). ``tiles_skipped`` counts corrupt
+    stored tiles that the thumbnail shows as background (``skip_corrupt_tiles``).
     """
 
     mask: np.ndarray
@@ -95,6 +99,7 @@ class TissueMask:
     threshold: int
     source_level: int
     params: TissueParams = field(default_factory=TissueParams)
+    tiles_skipped: int = 0
 
     @property
     def tissue_fraction(self) -> float:
@@ -164,12 +169,23 @@ def slide_path(slide: Any) -> str:
     return str(getattr(slide, "path", None) or getattr(slide, "_filename", None) or slide)
 
 
-def read_thumbnail(slide: Any, mpp0: MPP, target_mpp: float) -> tuple[np.ndarray, int]:
+class Thumbnail(NamedTuple):
+    """A slide's RGB uint8 thumbnail, the level it was resampled from, and how many corrupt stored
+    tiles of that level it shows as white background."""
+
+    pixels: np.ndarray
+    level: int
+    tiles_skipped: int = 0
+
+
+def read_thumbnail(slide: Any, mpp0: MPP, target_mpp: float, skip_corrupt_tiles: bool = False) -> Thumbnail:
     """RGB uint8 thumbnail at ``target_mpp`` (or level 0 when it is coarser) and its source level.
 
     Box-resampled from the source level in horizontal stripes, so a single-level slide never has
     to be in memory whole. Reads with an alpha channel (OpenSlide's ``read_region``) are
-    composited onto white, as a viewer shows areas without image data.
+    composited onto white, as a viewer shows areas without image data. A corrupt stored tile
+    raises ``TileDecodeError``, or with ``skip_corrupt_tiles`` becomes white background (one
+    warning per slide names the tiles), so one bad tile does not cost the whole slide its mask.
     """
     level = finest_level_at_most(slide, target_mpp, mpp0)
     lw, lh = slide.level_dimensions[level]
@@ -181,18 +197,50 @@ def read_thumbnail(slide: Any, mpp0: MPP, target_mpp: float) -> tuple[np.ndarray
         out_h = max(1, round(h0 * mpp0[1] / target_mpp))
     step = lh / out_h  # source rows per thumbnail row
     rows_per_stripe = max(1, int(_STRIPE_BYTES // max(1, lw * 4 * math.ceil(step))))
-    downsample = slide.level_downsamples[level]
-    stripes = []
+    stripes, skipped = [], []
     for j0 in range(0, out_h, rows_per_stripe):
         j1 = min(out_h, j0 + rows_per_stripe)
         top = math.floor(j0 * step)
         bottom = min(lh, math.ceil(j1 * step))
-        region = _rgb_image(slide, slide.read_region((0, round(top * downsample)), level, (lw, bottom - top)))
+        region = _read_rows(slide, level, top, bottom, skip_corrupt_tiles, skipped)
         if region.size != (out_w, j1 - j0):
             box = (0.0, j0 * step - top, float(lw), j1 * step - top)
             region = region.resize((out_w, j1 - j0), Image.Resampling.BOX, box=box)
         stripes.append(np.asarray(region))
-    return np.concatenate(stripes, axis=0), level
+    if skipped:
+        logger.warning("%s: %d corrupt tile(s) of level %d shown as background in the tissue thumbnail "
+                       "(tiles %s)", slide_path(slide), len(skipped), level, ", ".join(map(str, skipped)))
+    return Thumbnail(np.concatenate(stripes, axis=0), level, len(skipped))
+
+
+def _read_rows(slide: Any, level: int, top: int, bottom: int, skip_corrupt_tiles: bool,
+               skipped: list[int]) -> Image.Image:
+    """Rows [top, bottom) of ``level``, whole width, as an RGB image. When skipping, a stripe that
+    hits a corrupt tile is read again one stored tile at a time; the pieces that fail stay white
+    and their tile indices are added to ``skipped``."""
+    lw = slide.level_dimensions[level][0]
+    downsample = slide.level_downsamples[level]
+    try:
+        return _rgb_image(slide, slide.read_region((0, round(top * downsample)), level, (lw, bottom - top)))
+    except TileDecodeError:
+        if not skip_corrupt_tiles:
+            raise
+    layout = slide.tile_layout(level)
+    tw, th = layout.tile_width, layout.tile_height
+    stripe = np.full((bottom - top, lw, 3), 255, np.uint8)
+    for y in range(top - top % th, bottom, th):
+        y0, y1 = max(y, top), min(y + th, bottom)
+        for x in range(0, lw, tw):
+            x1 = min(x + tw, lw)
+            location = (round(x * downsample), round(y0 * downsample))
+            try:
+                piece = _rgb_image(slide, slide.read_region(location, level, (x1 - x, y1 - y0)))
+            except TileDecodeError as exc:
+                if exc.index not in skipped:
+                    skipped.append(exc.index)
+                continue
+            stripe[y0 - top : y1 - top, x:x1] = np.asarray(piece)
+    return Image.fromarray(stripe)
 
 
 def _rgb_image(slide: Any, region: Any) -> Image.Image:
@@ -235,22 +283,25 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
     return mask, integral, int(level[0])
 
 
-def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None) -> TissueMask:
+def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None,
+                   skip_corrupt_tiles: bool = False) -> TissueMask:
     """The tissue mask of an OpenSlide-shaped slide (``gpfm_engine.open_slide`` or compatible).
 
     ``mpp`` overrides the slide's µm per level-0 pixel; a slide without one is refused
-    (``SlideError``) rather than guessed.
+    (``SlideError``) rather than guessed. ``skip_corrupt_tiles`` masks corrupt stored tiles as
+    background instead of raising ``TileDecodeError`` (see :func:`read_thumbnail`).
     """
     params = params or TissueParams()
     mpp0 = slide_mpp(slide, mpp)
-    thumbnail, level = read_thumbnail(slide, mpp0, params.mpp)
+    thumbnail, level, tiles_skipped = read_thumbnail(slide, mpp0, params.mpp, skip_corrupt_tiles)
     w0, h0 = slide.level_dimensions[0]
     h, w = thumbnail.shape[:2]
     scale = (w0 / w, h0 / h)
     mpp_um = (mpp0[0] * scale[0], mpp0[1] * scale[1])
     mask, integral, threshold = mask_thumbnail(thumbnail, mpp_um, params)
     return TissueMask(mask=mask, integral=integral, thumbnail=thumbnail, mpp_um=mpp_um, scale=scale,
-                      level0_size=(w0, h0), threshold=threshold, source_level=level, params=params)
+                      level0_size=(w0, h0), threshold=threshold, source_level=level, params=params,
+                      tiles_skipped=tiles_skipped)
 
 
 def _is_cuda(array: Any) -> bool:

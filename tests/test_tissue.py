@@ -9,14 +9,16 @@ below where they do not).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import tissue_reference as ref
+from _pipeline_utils import corrupt_tile
 from benchmarks.bench_tissue import clam_mask, clam_segment
-from gpfm_engine.errors import SlideError
+from gpfm_engine.errors import SlideError, TileDecodeError
 from gpfm_engine.grid import make_grid
 from gpfm_engine.qc import CONTOUR_RGB, PATCH_RGB, write_qc
 from gpfm_engine.slide import open_slide
@@ -200,3 +202,35 @@ def test_params_scale_with_the_thumbnail_resolution() -> None:
     assert (at8["median_k"], at8["close_k"], at8["open_k"]) == (7, 9, 3)
     assert at4["median_k"] > at8["median_k"] and at4["min_tissue_px"] == 4 * at8["min_tissue_px"]
     assert dataclasses.replace(TissueParams(), open_um=0).kernel_args((8.0, 8.0))["open_k"] == 1
+
+
+def test_corrupt_tile_of_a_single_level_slide_is_background_when_skipping(slide_factory, tmp_path, caplog) -> None:
+    """A corrupt stored tile fails the thumbnail by default; with skip_corrupt_tiles it is painted
+    white (background), counted, and named in one warning, and the rest of the mask is unchanged."""
+    tile, size = 240, (1200, 960)
+    clean = slide_factory(size=size, mpp=0.5, tile=tile, levels=1, coverage=0.7, associated=False)
+    path = tmp_path / "corrupt.svs"
+    shutil.copy(clean, path)
+    index = 7  # row 1, column 2 of 5 x 4 tiles: inside the slide, away from its edges
+    corrupt_tile(path, 0, index)
+    with open_slide(clean) as slide:
+        assert slide.level_count == 1
+        good = segment_tissue(slide)
+    with open_slide(path) as slide:
+        with pytest.raises(TileDecodeError):
+            segment_tissue(slide)
+        with caplog.at_level("WARNING", logger="gpfm_engine.tissue"):
+            mask = segment_tissue(slide, skip_corrupt_tiles=True)
+    assert mask.tiles_skipped == 1 and good.tiles_skipped == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "corrupt.svs" in warnings[0] and "level 0" in warnings[0] and "7" in warnings[0]
+    # the tile's thumbnail pixels (16 level-0 px each) are white, and the mask away from it is unchanged
+    # (inside, a 15 x 15 px gap within tissue is a hole below min_hole_um2, which the mask fills)
+    sx, sy = mask.scale
+    x0, y0 = 2 * tile, 1 * tile
+    inner = (slice(int(np.ceil(y0 / sy)), int((y0 + tile) // sy)), slice(int(np.ceil(x0 / sx)), int((x0 + tile) // sx)))
+    assert (mask.thumbnail[inner] == 255).all() and not (good.thumbnail[inner] == 255).all()
+    away = np.ones(mask.mask.shape, bool)
+    margin = 8  # median, close and component filters reach this far (thumbnail px)
+    away[max(0, inner[0].start - margin): inner[0].stop + margin, max(0, inner[1].start - margin): inner[1].stop + margin] = False
+    assert np.array_equal(mask.mask[away], good.mask[away])
