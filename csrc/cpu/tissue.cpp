@@ -253,6 +253,17 @@ void filter_packed(uint64_t* bits, uint64_t* scratch, int64_t h, int64_t w, int6
   component_pass(scratch, bits, h, w, 0, false, min_hole_px);
 }
 
+// The frame of the standalone binary steps: pack the 0/1 plane src, run step(bits, scratch) on it
+// (the result in bits, which the step may swap with its same-sized scratch), unpack into dst.
+template <class Step>
+void on_packed_plane(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, Step&& step) {
+  const int64_t n = h * words_for(static_cast<int>(w));
+  Words bits(n), scratch(n);
+  pack(src, h, w, 0, bits.data());
+  step(bits, scratch);
+  unpack(bits.data(), h, w, dst);
+}
+
 // The common packed-RGB row, without the alpha branch; the AVX2 build vectorizes it (table
 // gathers), which needs the promise that the output aliases neither input.
 void score_rgb_row(const uint8_t* __restrict row, int64_t w, int dark_threshold,
@@ -308,25 +319,21 @@ void histogram256_cpu(const uint8_t* src, int64_t n, int64_t* hist) {
 }
 
 void morphology_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k) {
-  const int64_t n = h * words_for(static_cast<int>(w));
-  Words bits(n), scratch(n);
-  pack(src, h, w, 0, bits.data());
-  if (op == MorphOp::Dilate || op == MorphOp::Erode) {
-    morph_once(bits.data(), scratch.data(), h, w, k, op == MorphOp::Erode);
-    std::swap(bits, scratch);
-  } else {
-    close_or_open(bits.data(), scratch.data(), h, w, k, op == MorphOp::Close);
-  }
-  unpack(bits.data(), h, w, dst);
+  on_packed_plane(src, dst, h, w, [&](Words& bits, Words& scratch) {
+    if (op == MorphOp::Close || op == MorphOp::Open) {
+      close_or_open(bits.data(), scratch.data(), h, w, k, op == MorphOp::Close);
+    } else {
+      morph_once(bits.data(), scratch.data(), h, w, k, op == MorphOp::Erode);
+      std::swap(bits, scratch);
+    }
+  });
 }
 
 void filter_components_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int64_t min_tissue_px,
                            int64_t min_hole_px) {
-  const int64_t n = h * words_for(static_cast<int>(w));
-  Words bits(n), scratch(n);
-  pack(src, h, w, 0, bits.data());
-  filter_packed(bits.data(), scratch.data(), h, w, min_tissue_px, min_hole_px);
-  unpack(bits.data(), h, w, dst);
+  on_packed_plane(src, dst, h, w, [&](Words& bits, Words& scratch) {
+    filter_packed(bits.data(), scratch.data(), h, w, min_tissue_px, min_hole_px);
+  });
 }
 
 void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w) {

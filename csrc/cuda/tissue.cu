@@ -252,6 +252,21 @@ cudaError_t median(const uint8_t* src, uint8_t* dst, int h, int w, int k, cudaSt
   return cudaGetLastError();
 }
 
+// The frame of the standalone binary steps: pack the 0/1 plane src, run
+// step(bits, scratch, h, w, stream) on it (the result in bits, which the step may swap with its
+// same-sized scratch), unpack into dst.
+template <class Step>
+cudaError_t on_packed_plane(const uint8_t* src, uint8_t* dst, int64_t h64, int64_t w64, void* stream, Step&& step) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int h = static_cast<int>(h64), w = static_cast<int>(w64);
+  Scratch<uint64_t> bits(s), scratch(s);
+  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
+  GPFM_CUDA_TRY(pack(src, h, w, nullptr, bits.ptr, s));
+  GPFM_CUDA_TRY(step(bits.ptr, scratch.ptr, h, w, s));
+  return unpack(bits.ptr, h, w, dst, s);
+}
+
 }  // namespace
 
 int tissue_score_cuda(const TissueImage& src, uint8_t* dst, int dark_threshold, void* stream) {
@@ -268,32 +283,20 @@ int histogram256_cuda(const uint8_t* src, int64_t n, int64_t* hist, void* stream
   return histogram(src, n, hist, static_cast<cudaStream_t>(stream));
 }
 
-int morphology_cuda(const uint8_t* src, uint8_t* dst, int64_t h64, int64_t w64, MorphOp op, int k, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  const int h = static_cast<int>(h64), w = static_cast<int>(w64);
-  Scratch<uint64_t> bits(s), scratch(s);
-  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
-  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
-  GPFM_CUDA_TRY(pack(src, h, w, nullptr, bits.ptr, s));
-  if (op == MorphOp::Dilate || op == MorphOp::Erode) {
-    GPFM_CUDA_TRY(morph_once(bits.ptr, scratch.ptr, h, w, k, op == MorphOp::Erode, s));
-    std::swap(bits.ptr, scratch.ptr);
-  } else {
-    GPFM_CUDA_TRY(close_or_open(bits.ptr, scratch.ptr, h, w, k, op == MorphOp::Close, s));
-  }
-  return unpack(bits.ptr, h, w, dst, s);
+int morphology_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k, void* stream) {
+  return on_packed_plane(src, dst, h, w, stream, [&](uint64_t*& bits, uint64_t*& scratch, int hi, int wi, cudaStream_t s) {
+    if (op == MorphOp::Close || op == MorphOp::Open) return close_or_open(bits, scratch, hi, wi, k, op == MorphOp::Close, s);
+    const cudaError_t err = morph_once(bits, scratch, hi, wi, k, op == MorphOp::Erode, s);
+    std::swap(bits, scratch);
+    return err;
+  });
 }
 
-int filter_components_cuda(const uint8_t* src, uint8_t* dst, int64_t h64, int64_t w64, int64_t min_tissue_px,
+int filter_components_cuda(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int64_t min_tissue_px,
                            int64_t min_hole_px, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  const int h = static_cast<int>(h64), w = static_cast<int>(w64);
-  Scratch<uint64_t> bits(s), scratch(s);
-  GPFM_CUDA_TRY(bits.alloc(packed_words(h, w)));
-  GPFM_CUDA_TRY(scratch.alloc(packed_words(h, w)));
-  GPFM_CUDA_TRY(pack(src, h, w, nullptr, bits.ptr, s));
-  GPFM_CUDA_TRY(filter_packed(bits.ptr, scratch.ptr, h, w, min_tissue_px, min_hole_px, s));
-  return unpack(bits.ptr, h, w, dst, s);
+  return on_packed_plane(src, dst, h, w, stream, [&](uint64_t*& bits, uint64_t*& scratch, int hi, int wi, cudaStream_t s) {
+    return filter_packed(bits, scratch, hi, wi, min_tissue_px, min_hole_px, s);
+  });
 }
 
 int integral_image_cuda(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w, void* stream) {
