@@ -78,7 +78,9 @@ def engine(tiny_weights: Path) -> Engine:
 @pytest.fixture(scope="module")
 def slides(slide_factory) -> tuple[Path, Path, int]:
     """A clean slide, the same slide with one stored tile corrupted (in a later batch), and that tile."""
-    clean = slide_factory(**SMALL, seed=3)
+    # both named: a named request replaces the factory's cached unnamed slide of the same arguments,
+    # so an unnamed one may be another test's corrupted copy
+    clean = slide_factory(name="sync-clean", **SMALL, seed=3)
     broken = slide_factory(name="sync-corrupt", **SMALL, seed=3)
     with open_slide(clean) as s:
         grid = Engine(model="gpfm-tiny", device="cpu").plan(s).grid
