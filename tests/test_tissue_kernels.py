@@ -75,6 +75,22 @@ def test_median_matches_opencv(k: int, shape: tuple[int, int]) -> None:
     assert np.array_equal(run_plane(_core.median_blur, src, k), ref.median(src, k))
 
 
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("levels", [4, 256])
+def test_median_matches_opencv_across_row_tasks(k: int, levels: int) -> None:
+    """Large enough to be split into row tasks of odd length (the networks work in row pairs and
+    a ring of sorted rows per task); few levels give many ties."""
+    src = np.random.default_rng(k + levels).integers(0, levels, (1501, 700), dtype=np.uint8)
+    assert np.array_equal(run_plane(_core.median_blur, src, k), ref.median(src, k))
+
+
+@pytest.mark.parametrize("w", [15, 16, 17, 31, 33, 63, 64, 65, 129])
+def test_median_matches_opencv_at_vector_widths(w: int) -> None:
+    src = np.random.default_rng(w).integers(0, 256, (23, w), dtype=np.uint8)
+    for k in (3, 5, 7):
+        assert np.array_equal(run_plane(_core.median_blur, src, k), ref.median(src, k))
+
+
 # --- histogram and Otsu ---------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -27,7 +28,6 @@ using Words = std::vector<uint64_t>;
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
 typedef uint8_t U8x32 __attribute__((vector_size(32)));
 typedef uint8_t U8x64 __attribute__((vector_size(64)));
-constexpr int kMaxVector = 64;
 
 template <class V>
 struct VectorMinMax {
@@ -45,87 +45,100 @@ V load(const uint8_t* p) {
 template <class V>
 void store(uint8_t* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Row y of the k x k median (k = K) through the networks. Each window column is sorted once into
-// `cols` (K sorted planes of `cw` bytes, the row's columns at offset r, replicated beyond the
-// edges), then the median of each window's K sorted columns is selected, one vector of windows
-// at a time.
+// Rows [b, e) of the k x k median (k = K) through the networks, two rows at a time. Every source
+// row's K-pixel horizontal windows are sorted once (K sorted planes, lanes = x) into a ring of
+// K + 1 rows, shared by the K output rows that use them; a pair of output rows then costs one
+// core network over their K - 1 shared rows and one small merge each (see MedianNetwork).
 template <int K, class V>
-void median_row_network(const uint8_t* src, int64_t stride, int h, int w, int y, uint8_t* out, uint8_t* cols,
-                        int64_t cw) {
-  constexpr int r = K / 2, P = MedianNetwork<K>::P, N = sizeof(V);
-  const uint8_t* rows[K];
-  for (int i = 0; i < K; ++i) rows[i] = src + static_cast<int64_t>(clampi(y - r + i, 0, h - 1)) * stride;
-  for (int x0 = 0; x0 < w; x0 += N) {
-    V in[K], sorted[K];
-    for (int i = 0; i < K; ++i) {
-      if (x0 + N <= w) {
-        in[i] = load<V>(rows[i] + x0);
-      } else {  // the row's last partial vector
-        uint8_t tail[N] = {0};
-        std::memcpy(tail, rows[i] + x0, static_cast<size_t>(w - x0));
-        in[i] = load<V>(tail);
-      }
+void median_rows_network(const uint8_t* src, int h, int w, int b, int e, uint8_t* dst) {
+  constexpr int r = K / 2, N = sizeof(V), kRing = K + 1;
+  const int64_t cw = (w + N - 1) / N * N;  // a sorted plane: whole vectors
+  std::vector<uint8_t> planes(static_cast<size_t>(kRing) * K * cw), padded(static_cast<size_t>(w + K + N));
+  int held[kRing];
+  for (int& v : held) v = INT32_MIN;
+  // The sorted planes of source row yy (replicated beyond the top and bottom edges).
+  auto sorted_row = [&](int yy) -> const uint8_t* {
+    const int slot = (yy % kRing + kRing) % kRing;  // yy may be negative (above the top edge)
+    uint8_t* ring = planes.data() + static_cast<int64_t>(slot) * K * cw;
+    if (held[slot] == yy) return ring;
+    held[slot] = yy;
+    const uint8_t* row = src + static_cast<int64_t>(clampi(yy, 0, h - 1)) * w;
+    std::memset(padded.data(), row[0], r);  // replicated left and right edges
+    std::memcpy(padded.data() + r, row, static_cast<size_t>(w));
+    std::memset(padded.data() + r + w, row[w - 1], padded.size() - r - w);
+    for (int x0 = 0; x0 < w; x0 += N) {
+      V in[K], sorted[K];
+      for (int c = 0; c < K; ++c) in[c] = load<V>(padded.data() + x0 + c);
+      sort_column<K, VectorMinMax<V>>(in, sorted);
+      for (int i = 0; i < K; ++i) store(ring + i * cw + x0, sorted[i]);
     }
-    sort_column<K, VectorMinMax<V>>(in, sorted);
-    for (int i = 0; i < K; ++i) store(cols + i * cw + r + x0, sorted[i]);
-  }
-  for (int i = 0; i < K; ++i) {
-    uint8_t* plane = cols + i * cw;
-    std::memset(plane, plane[r], r);
-    std::memset(plane + r + w, plane[r + w - 1], static_cast<size_t>(cw - r - w));
-  }
-  for (int x0 = 0; x0 < w; x0 += N) {
-    V v[P * P];
-    for (int c = 0; c < K; ++c)
-      for (int i = 0; i < K; ++i) v[c * P + i] = load<V>(cols + i * cw + x0 + c);
-    const V m = select_median<K, VectorMinMax<V>>(v);
+    return ring;
+  };
+  auto put = [&](uint8_t* out, int x0, V m) {
     if (x0 + N <= w) {
       store(out + x0, m);
-    } else {
+    } else {  // the row's last partial vector
       uint8_t tail[N];
       store(tail, m);
       std::memcpy(out + x0, tail, static_cast<size_t>(w - x0));
     }
+  };
+  for (int y = b; y < e; y += 2) {
+    const bool pair = y + 1 < e;
+    const uint8_t* shared[K - 1];
+    for (int c = 0; c < K - 1; ++c) shared[c] = sorted_row(y - r + 1 + c);
+    const uint8_t* first = sorted_row(y - r);
+    const uint8_t* second = pair ? sorted_row(y + r + 1) : nullptr;
+    for (int x0 = 0; x0 < w; x0 += N) {
+      V v[MedianNetwork<K>::P * MedianNetwork<K>::P], ranks[K + 1], own[K];
+      for (int c = 0; c < K - 1; ++c)
+        for (int i = 0; i < K; ++i) v[c * MedianNetwork<K>::P + i] = load<V>(shared[c] + i * cw + x0);
+      select_core<K, VectorMinMax<V>>(v, ranks);
+      for (int i = 0; i < K; ++i) own[i] = load<V>(first + i * cw + x0);
+      put(dst + static_cast<int64_t>(y) * w, x0, merge_median<K, VectorMinMax<V>>(ranks, own));
+      if (!pair) continue;
+      for (int i = 0; i < K; ++i) own[i] = load<V>(second + i * cw + x0);
+      put(dst + static_cast<int64_t>(y + 1) * w, x0, merge_median<K, VectorMinMax<V>>(ranks, own));
+    }
   }
 }
 
-using MedianRowFn = void (*)(const uint8_t*, int64_t, int, int, int, uint8_t*, uint8_t*, int64_t);
+using MedianRowsFn = void (*)(const uint8_t*, int, int, int, int, uint8_t*);
 
 #if defined(__x86_64__)
-// The AVX2 build of a network row; flatten inlines the networks so they are compiled for AVX2 too.
+// The AVX builds of the networks; flatten inlines them so they are compiled for that ISA too.
 template <int K>
-__attribute__((target("avx2"), flatten)) void median_row_avx2(const uint8_t* src, int64_t stride, int h, int w, int y,
-                                                               uint8_t* out, uint8_t* cols, int64_t cw) {
-  median_row_network<K, U8x32>(src, stride, h, w, y, out, cols, cw);
+__attribute__((target("avx2"), flatten)) void median_rows_avx2(const uint8_t* src, int h, int w, int b, int e,
+                                                                uint8_t* dst) {
+  median_rows_network<K, U8x32>(src, h, w, b, e, dst);
 }
 template <int K>
-__attribute__((target("avx512bw"), flatten)) void median_row_avx512(const uint8_t* src, int64_t stride, int h, int w, int y,
-                                                               uint8_t* out, uint8_t* cols, int64_t cw) {
-  median_row_network<K, U8x64>(src, stride, h, w, y, out, cols, cw);
+__attribute__((target("avx512bw"), flatten)) void median_rows_avx512(const uint8_t* src, int h, int w, int b, int e,
+                                                                      uint8_t* dst) {
+  median_rows_network<K, U8x64>(src, h, w, b, e, dst);
 }
 #endif
 
-// The network row for K on this CPU.
+// The network rows for K on this CPU.
 template <int K>
-MedianRowFn median_row_for_cpu() {
+MedianRowsFn median_rows_for_cpu() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512bw")) return median_row_avx512<K>;
-  if (__builtin_cpu_supports("avx2")) return median_row_avx2<K>;
+  if (__builtin_cpu_supports("avx512bw")) return median_rows_avx512<K>;
+  if (__builtin_cpu_supports("avx2")) return median_rows_avx2<K>;
 #endif
-  return median_row_network<K, U8x16>;
+  return median_rows_network<K, U8x16>;
 }
 
-// One row of the k x k median: networks for k = 3, 5, 7, the sliding histogram otherwise.
-void median_any_row(const uint8_t* src, int64_t h, int64_t w, int k, int64_t y, uint8_t* out, uint8_t* cols,
-                    int64_t cw) {
-  static const MedianRowFn network[3] = {median_row_for_cpu<3>(), median_row_for_cpu<5>(), median_row_for_cpu<7>()};
-  const int hi = static_cast<int>(h), wi = static_cast<int>(w), yi = static_cast<int>(y);
+// Rows [b, e) of the k x k median: networks for k = 3, 5, 7, the sliding histogram otherwise.
+void median_rows(const uint8_t* src, int64_t h, int64_t w, int k, int64_t b, int64_t e, uint8_t* dst) {
+  static const MedianRowsFn network[3] = {median_rows_for_cpu<3>(), median_rows_for_cpu<5>(), median_rows_for_cpu<7>()};
+  const int hi = static_cast<int>(h), wi = static_cast<int>(w);
   if (k == 1) {
-    std::memcpy(out, src + y * w, static_cast<size_t>(w));
+    std::memcpy(dst + b * w, src + b * w, static_cast<size_t>((e - b) * w));
   } else if (has_median_network(k)) {
-    network[k / 2 - 1](src, w, hi, wi, yi, out, cols, cw);
+    network[k / 2 - 1](src, hi, wi, static_cast<int>(b), static_cast<int>(e), dst);
   } else {
-    median_row(src, w, hi, wi, k, yi, out);
+    for (int64_t y = b; y < e; ++y) median_row(src, w, hi, wi, k, static_cast<int>(y), dst + y * w);
   }
 }
 
@@ -165,19 +178,13 @@ SaturationTable saturation_table() {
 // The median plane and, when `hist` is given, its 256-bin histogram in the same pass.
 void median_pass(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, int64_t* hist) {
   if (hist) std::fill(hist, hist + 256, 0);
-  const int64_t cw = (w + kMaxVector - 1) / kMaxVector * kMaxVector + k + kMaxVector;  // a sorted-column plane, with the replicated edges
   split(h, row_grain(w, kMedianTaskPixels * 7 / std::max(k, 7)), [&](int64_t b, int64_t e) {
+    median_rows(src, h, w, k, b, e, dst);
+    if (!hist) return;
     int64_t local[256] = {0};
-    std::vector<uint8_t> cols(has_median_network(k) ? k * cw : 0);
-    for (int64_t y = b; y < e; ++y) {
-      uint8_t* out = dst + y * w;
-      median_any_row(src, h, w, k, y, out, cols.data(), cw);
-      if (hist)
-        for (int64_t x = 0; x < w; ++x) ++local[out[x]];
-    }
-    if (hist)
-      for (int i = 0; i < 256; ++i)
-        if (local[i]) __atomic_fetch_add(hist + i, local[i], __ATOMIC_RELAXED);
+    for (const uint8_t *p = dst + b * w, *end = dst + e * w; p < end; ++p) ++local[*p];
+    for (int i = 0; i < 256; ++i)
+      if (local[i]) __atomic_fetch_add(hist + i, local[i], __ATOMIC_RELAXED);
   });
 }
 
