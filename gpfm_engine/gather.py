@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from gpfm_engine import _core
+from gpfm_engine.cuda_stream import to_device
 from gpfm_engine.kernels import current_stream
 
 WHITE_LEVEL = 220  # a resampled pixel with all channels >= this counts as background (glass)
@@ -175,9 +176,6 @@ def resample_images(images: np.ndarray | torch.Tensor, size: int, mean: Sequence
 
 
 def _on(array: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
-    """The plan's host array as the kernel wants it on ``device`` (host arrays stay as they are)."""
-    if device.type == "cpu":
-        return array
-    # through pinned memory: a copy from pageable memory would wait for the stream to drain (a host
-    # sync per batch behind the model's work); the pinned block is kept until the copy is done
-    return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
+    """The plan's host array as the kernel wants it on ``device``: host arrays stay as they are, CUDA
+    gets a stream-ordered copy from pinned memory (``cuda_stream.to_device``: no host sync per batch)."""
+    return array if device.type == "cpu" else to_device(array, device)

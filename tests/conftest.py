@@ -45,8 +45,10 @@ def slide_factory(tmp_path_factory: pytest.TempPathFactory) -> SlideFactory:
     cache: dict[tuple, Path] = {}
 
     def make(name: str | None = None, **kwargs) -> Path:
-        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "image")) + (id(kwargs.get("image")),)
-        if key not in cache or name is not None:
+        # the name is part of the key: a named copy (which a test may then corrupt) never replaces the
+        # unnamed slide other tests get for the same arguments
+        key = (name,) + tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k != "image")) + (id(kwargs.get("image")),)
+        if key not in cache:
             fmt = kwargs.get("fmt", "svs")
             stem = name or f"slide{len(cache)}"
             path = root / (stem if "." in stem else f"{stem}.{'svs' if fmt == 'svs' else 'tif'}")
