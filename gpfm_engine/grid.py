@@ -159,12 +159,7 @@ def kept_patches(mask: TissueMask, width: int, height: int, stride: float, size:
     """The :func:`candidate_coords` whose ``mask.fractions`` is >= ``threshold`` (int64 [N, 2]) and
     those fractions (float32 [N]), in one compiled pass over the lattice: per-candidate NumPy work
     would cost more than segmenting a small thumbnail."""
-    n_max = math.ceil(width / stride) * math.ceil(height / stride)
-    coords = np.empty((n_max, 2), np.int64)
-    fraction = np.empty(n_max, np.float32)
-    n = _core.patch_grid(mask.integral, width, height, stride, size, mask.scale[0], mask.scale[1], threshold,
-                         coords, fraction)
-    return coords[:n], fraction[:n]
+    return _core.patch_grid(mask.integral, width, height, stride, size, mask.scale[0], mask.scale[1], threshold)
 
 
 def _empty(slide: Any, geometry: dict, reason: str) -> PatchGrid:

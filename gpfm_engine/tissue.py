@@ -274,13 +274,7 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
         stream = torch.cuda.current_stream(thumbnail.device).cuda_stream
         _core.segment_tissue(thumbnail, mask, integral, level, **args, stream=stream)
         return mask, integral, int(level.item())
-    src = np.ascontiguousarray(thumbnail)
-    h, w = src.shape[:2]
-    mask = np.empty((h, w), np.uint8)
-    integral = np.empty((h + 1, w + 1), np.int32)
-    level = np.empty(1, np.int32)
-    _core.segment_tissue(src, mask, integral, level, **args)
-    return mask, integral, int(level[0])
+    return _core.segment_tissue(np.ascontiguousarray(thumbnail), **args)
 
 
 def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None,

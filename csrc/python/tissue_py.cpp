@@ -1,9 +1,13 @@
 // Bindings of the tissue-mask launchers: argument checks, device dispatch, GIL release.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
 
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "areas.h"
 #include "gpfm/tissue.h"
@@ -161,54 +165,76 @@ void integral_image(const py::handle& mask_obj, const py::handle& sat_obj, intpt
   integral_image_cpu(in, out, mask.shape[0], mask.shape[1]);
 }
 
-void segment_tissue(const py::handle& src_obj, const py::handle& mask_obj, const py::handle& sat_obj,
-                    const py::handle& level_obj, int dark_threshold, int median_k, int fixed_threshold,
-                    int min_threshold, int close_k, int open_k, int64_t min_tissue_px, int64_t min_hole_px,
-                    intptr_t stream) {
-  const TensorView src = view_of(src_obj, "src", stream), mask = view_of(mask_obj, "mask", stream);
-  const TensorView sat = view_of(sat_obj, "sat", stream), level = view_of(level_obj, "level", stream);
+// With mask, sat and level omitted (host input only), the outputs are allocated here and returned
+// as (mask, sat, level): a thumbnail takes about a hundred microseconds, so the three arrays and
+// views the caller would otherwise make are a noticeable share of the call.
+py::object segment_tissue(const py::handle& src_obj, const py::handle& mask_obj, const py::handle& sat_obj,
+                          const py::handle& level_obj, int dark_threshold, int median_k, int fixed_threshold,
+                          int min_threshold, int close_k, int open_k, int64_t min_tissue_px, int64_t min_hole_px,
+                          intptr_t stream) {
+  const TensorView src = view_of(src_obj, "src", stream);
   const TissueImage img = image_of(src);
+  const MaskParams p{dark_threshold, odd_size(median_k, "median_k"), fixed_threshold, min_threshold,
+                     odd_size(close_k, "close_k"), odd_size(open_k, "open_k"), min_tissue_px, min_hole_px};
+  if (mask_obj.is_none() && sat_obj.is_none() && level_obj.is_none()) {
+    if (src.on_cuda) throw py::value_error("segment_tissue: give mask, sat and level for a CUDA thumbnail");
+    py::array_t<uint8_t> mask({img.h, img.w});
+    py::array_t<int32_t> sat({img.h + 1, img.w + 1});
+    uint8_t* m = mask.mutable_data();
+    int32_t* t = sat.mutable_data();
+    int level;
+    {
+      py::gil_scoped_release release;
+      level = segment_tissue_cpu(img, p, m, t);
+    }
+    return py::make_tuple(mask, sat, level);
+  }
+  const TensorView mask = view_of(mask_obj, "mask", stream), sat = view_of(sat_obj, "sat", stream);
+  const TensorView level = view_of(level_obj, "level", stream);
   expect_plane(mask, "mask", ScalarKind::U8, img.h, img.w, true);
   expect_plane(sat, "sat", ScalarKind::I32, img.h + 1, img.w + 1, true);
   expect(level, "level", ScalarKind::I32, 1);
   if (level.shape[0] != 1 || level.readonly) throw py::value_error("level: expected a writable int32[1], got " + level.describe());
-  const MaskParams p{dark_threshold, odd_size(median_k, "median_k"), fixed_threshold, min_threshold,
-                     odd_size(close_k, "close_k"), odd_size(open_k, "open_k"), min_tissue_px, min_hole_px};
   const bool cuda = same_device(src, mask, "segment_tissue") && same_device(src, sat, "segment_tissue") &&
                     same_device(src, level, "segment_tissue");
   auto* m = static_cast<uint8_t*>(mask.data);
   auto* s = static_cast<int32_t*>(sat.data);
   auto* l = static_cast<int32_t*>(level.data);
-  py::gil_scoped_release release;
-#ifdef GPFM_WITH_CUDA
-  if (cuda) return check_cuda(segment_tissue_cuda(img, p, m, s, l, cuda_stream(stream)), "segment_tissue");
-#endif
   (void)cuda;
-  *l = segment_tissue_cpu(img, p, m, s);
+  {
+    py::gil_scoped_release release;
+#ifdef GPFM_WITH_CUDA
+    if (cuda)
+      check_cuda(segment_tissue_cuda(img, p, m, s, l, cuda_stream(stream)), "segment_tissue");
+    else
+#endif
+      *l = segment_tissue_cpu(img, p, m, s);
+  }
+  return py::none();
 }
 
-int64_t patch_grid(const py::handle& sat_obj, int64_t width, int64_t height, double stride, double size,
-                   double scale_x, double scale_y, double threshold, const py::handle& coords_obj,
-                   const py::handle& fractions_obj) {
-  const TensorView sat = view_of(sat_obj, "sat"), coords = view_of(coords_obj, "coords");
-  const TensorView fractions = view_of(fractions_obj, "fractions");
+py::tuple patch_grid(const py::handle& sat_obj, int64_t width, int64_t height, double stride, double size,
+                     double scale_x, double scale_y, double threshold) {
+  const TensorView sat = view_of(sat_obj, "sat");
   expect_plane(sat, "sat", ScalarKind::I32);
-  if (sat.on_cuda || coords.on_cuda || fractions.on_cuda)
-    throw py::value_error("patch_grid: expected host arrays (the lattice is read on the CPU)");
+  if (sat.on_cuda) throw py::value_error("patch_grid: expected a host summed-area table (the lattice is read on the CPU)");
   if (width < 1 || height < 1 || !(stride > 0) || !(size > 0) || !(scale_x > 0) || !(scale_y > 0))
     throw py::value_error("patch_grid: width, height, stride, size and scales must be positive");
   const int64_t n_max = static_cast<int64_t>(std::ceil(width / stride)) * static_cast<int64_t>(std::ceil(height / stride));
-  expect_plane(coords, "coords", ScalarKind::I64, n_max, 2, true);
-  expect(fractions, "fractions", ScalarKind::F32, 1);
-  if (fractions.shape[0] != n_max || !fractions.c_contiguous() || fractions.readonly)
-    throw py::value_error("fractions: expected a writable contiguous float32[" + std::to_string(n_max) + "], got " +
-                          fractions.describe());
+  std::vector<int64_t> xy(2 * n_max);
+  std::vector<float> f(n_max);
   const PatchLattice lattice{width, height, stride, size, scale_x, scale_y, threshold};
   const auto* table = static_cast<const int32_t*>(sat.data);
-  auto* xy = static_cast<int64_t*>(coords.data);
-  auto* f = static_cast<float*>(fractions.data);
-  py::gil_scoped_release release;
-  return patch_grid_cpu(table, sat.shape[0] - 1, sat.shape[1] - 1, lattice, xy, f);
+  int64_t n;
+  {
+    py::gil_scoped_release release;
+    n = patch_grid_cpu(table, sat.shape[0] - 1, sat.shape[1] - 1, lattice, xy.data(), f.data());
+  }
+  py::array_t<int64_t> coords({n, int64_t{2}});
+  py::array_t<float> fractions(n);
+  std::copy(xy.begin(), xy.begin() + 2 * n, coords.mutable_data());
+  std::copy(f.begin(), f.begin() + n, fractions.mutable_data());
+  return py::make_tuple(coords, fractions);
 }
 
 }  // namespace
@@ -232,19 +258,19 @@ void init_tissue(py::module_& m) {
         "not touching the border) smaller than min_hole_px. dst is 0/1.");
   m.def("integral_image", &integral_image, py::arg("mask"), py::arg("sat"), py::arg("stream") = -1,
         "Summed-area table int32 [H + 1, W + 1] of a uint8 plane's nonzero pixels.");
-  m.def("segment_tissue", &segment_tissue, py::arg("src"), py::arg("mask"), py::arg("sat"), py::arg("level"),
-        py::arg("dark_threshold"), py::arg("median_k"), py::arg("fixed_threshold"), py::arg("min_threshold"),
-        py::arg("close_k"), py::arg("open_k"), py::arg("min_tissue_px"), py::arg("min_hole_px"), py::arg("stream") = -1,
-        "The whole mask chain (score, median, Otsu or fixed level, close, open, components, integral) in one call; "
-        "the level used is written to level[0]. Host arrays run on the CPU threads with the GIL released; CUDA "
-        "arrays on `stream` without synchronising.");
+  m.def("segment_tissue", &segment_tissue, py::arg("src"), py::arg("mask") = py::none(), py::arg("sat") = py::none(),
+        py::arg("level") = py::none(), py::arg("dark_threshold"), py::arg("median_k"), py::arg("fixed_threshold"),
+        py::arg("min_threshold"), py::arg("close_k"), py::arg("open_k"), py::arg("min_tissue_px"),
+        py::arg("min_hole_px"), py::arg("stream") = -1,
+        "The whole mask chain (score, median, Otsu or fixed level, close, open, components, integral) in one call. "
+        "Given mask, sat and level, the outputs are written there (the level used to level[0]): host arrays run on "
+        "the CPU threads with the GIL released, CUDA arrays on `stream` without synchronising. Omitted (host src "
+        "only), they are allocated and (mask uint8 [H, W], sat int32 [H + 1, W + 1], level) is returned.");
   m.def("patch_grid", &patch_grid, py::arg("sat"), py::arg("width"), py::arg("height"), py::arg("stride"),
-        py::arg("size"), py::arg("scale_x"), py::arg("scale_y"), py::arg("threshold"), py::arg("coords"),
-        py::arg("fractions"),
-        "Row-major level-0 top-lefts round(i * stride) of a width x height image whose size x size patch has a "
-        "tissue fraction >= threshold on the summed-area table sat (one mask pixel = scale_x x scale_y level-0 "
-        "pixels), written to coords int64 [n_max, 2] and fractions float32 [n_max] (n_max = ceil(width / stride) "
-        "* ceil(height / stride)); returns how many were kept.");
+        py::arg("size"), py::arg("scale_x"), py::arg("scale_y"), py::arg("threshold"),
+        "(coords int64 [N, 2], fractions float32 [N]): the row-major level-0 top-lefts round(i * stride) of a "
+        "width x height image whose size x size patch has a tissue fraction >= threshold on the summed-area table "
+        "sat (one mask pixel = scale_x x scale_y level-0 pixels), and those fractions.");
 }
 
 }  // namespace gpfm::py_glue
