@@ -299,7 +299,7 @@ ScoreRowFn score_row_for_cpu() {
 void tissue_score_cpu(const TissueImage& src, uint8_t* dst, int dark_threshold) {
   static const ScoreRowFn score_rgb = score_row_for_cpu();
   const int channels = static_cast<int>(src.channels);
-  const SaturationTable table = saturation_table();
+  static const SaturationTable table = saturation_table();  // 256 divisions: once, not per thumbnail
   for_rows(src.h, src.w, [&](int y) {
     const uint8_t* row = src.data + y * src.sy;
     uint8_t* out = dst + y * src.w;
