@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import tissue_reference as ref
-from _pipeline_utils import corrupt_tile
+from _pipeline_utils import corrupt_tile, tiny_weights  # noqa: F401 - fixture
 from benchmarks.bench_tissue import clam_mask, clam_segment
 from gpfm_engine.errors import SlideError, TileDecodeError
 from gpfm_engine.grid import make_grid
@@ -204,15 +204,24 @@ def test_params_scale_with_the_thumbnail_resolution() -> None:
     assert dataclasses.replace(TissueParams(), open_um=0).kernel_args((8.0, 8.0))["open_k"] == 1
 
 
-def test_corrupt_tile_of_a_single_level_slide_is_background_when_skipping(slide_factory, tmp_path, caplog) -> None:
+CORRUPT_TILE = 7  # row 1, column 2 of the 5 x 4 tiles of 240 px: inside the slide, away from its edges
+
+
+@pytest.fixture(scope="module")
+def single_level_pair(slide_factory, tmp_path_factory):
+    """(clean, corrupt) copies of a single-level slide; the corrupt one has CORRUPT_TILE zeroed."""
+    clean = slide_factory(size=(1200, 960), mpp=0.5, tile=240, levels=1, coverage=0.7, associated=False)
+    path = tmp_path_factory.mktemp("corrupt") / "corrupt.svs"
+    shutil.copy(clean, path)
+    corrupt_tile(path, 0, CORRUPT_TILE)
+    return clean, path
+
+
+def test_corrupt_tile_of_a_single_level_slide_is_background_when_skipping(single_level_pair, caplog) -> None:
     """A corrupt stored tile fails the thumbnail by default; with skip_corrupt_tiles it is painted
     white (background), counted, and named in one warning, and the rest of the mask is unchanged."""
-    tile, size = 240, (1200, 960)
-    clean = slide_factory(size=size, mpp=0.5, tile=tile, levels=1, coverage=0.7, associated=False)
-    path = tmp_path / "corrupt.svs"
-    shutil.copy(clean, path)
-    index = 7  # row 1, column 2 of 5 x 4 tiles: inside the slide, away from its edges
-    corrupt_tile(path, 0, index)
+    clean, path = single_level_pair
+    tile, index = 240, CORRUPT_TILE
     with open_slide(clean) as slide:
         assert slide.level_count == 1
         good = segment_tissue(slide)
@@ -234,3 +243,17 @@ def test_corrupt_tile_of_a_single_level_slide_is_background_when_skipping(slide_
     margin = 8  # median, close and component filters reach this far (thumbnail px)
     away[max(0, inner[0].start - margin): inner[0].stop + margin, max(0, inner[1].start - margin): inner[1].stop + margin] = False
     assert np.array_equal(mask.mask[away], good.mask[away])
+
+
+def test_engine_masks_a_single_level_slide_with_a_corrupt_tile_unless_told_to_fail(single_level_pair,
+                                                                                   tiny_weights) -> None:
+    """Engine.plan follows on_tile_error: skip masks the corrupt tile as background, fail raises."""
+    from gpfm_engine.engine import Engine
+
+    _, path = single_level_pair
+    with open_slide(path) as slide:
+        plan = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu").plan(slide)
+        assert plan.mask.tiles_skipped == 1 and plan.num_patches > 0
+        strict = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu", on_tile_error="fail")
+        with pytest.raises(TileDecodeError, match=f"level 0 tile {CORRUPT_TILE}"):
+            strict.plan(slide)
