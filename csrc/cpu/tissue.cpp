@@ -151,7 +151,7 @@ int64_t row_grain(int64_t w, int64_t task_pixels = kLightTaskPixels) {
   return std::max<int64_t>(1, task_pixels / std::max<int64_t>(w, 1));
 }
 
-// parallel_for, but a range that makes one task runs inline: most thumbnails are a few hundred
+// parallel_for, except that a range of one task runs inline: most thumbnails are a few hundred
 // rows, and asking the pool costs more than such a pass (thread count lookup, std::function).
 template <class Fn>
 void split(int64_t n, int64_t grain, Fn&& fn) {
@@ -275,7 +275,8 @@ void on_packed_plane(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, Ste
 // gathers), which needs the promise that the output aliases neither input.
 void score_rgb_row(const uint8_t* __restrict row, int64_t w, int dark_threshold,
                    const SaturationTable& __restrict table, uint8_t* __restrict out) {
-  for (int64_t x = 0; x < w; ++x) out[x] = tissue_score(row[3 * x], row[3 * x + 1], row[3 * x + 2], dark_threshold, table);
+  for (int64_t x = 0; x < w; ++x)
+    out[x] = tissue_score(row[3 * x], row[3 * x + 1], row[3 * x + 2], dark_threshold, table);
 }
 
 using ScoreRowFn = void (*)(const uint8_t*, int64_t, int, const SaturationTable&, uint8_t*);
@@ -347,7 +348,8 @@ void integral_image_cpu(const uint8_t* mask, int32_t* sat, int64_t h, int64_t w)
   const int64_t stride = w + 1;
   std::fill(sat, sat + stride, 0);
   if (h * w <= kLightTaskPixels) {  // one task: a single pass, each row from the one above
-    for (int64_t y = 0; y < h; ++y) integral_row(mask + y * w, static_cast<int>(w), sat + y * stride, sat + (y + 1) * stride);
+    for (int64_t y = 0; y < h; ++y)
+      integral_row(mask + y * w, static_cast<int>(w), sat + y * stride, sat + (y + 1) * stride);
     return;
   }
   for_rows(h, w, [&](int y) { row_prefix(mask + y * w, static_cast<int>(w), sat + (y + 1) * stride); });
