@@ -33,6 +33,9 @@ LEVEL_MPP_TOLERANCE = 0.01
 # Source pixels read per stripe while building the thumbnail: bounds memory on single-level slides.
 _STRIPE_BYTES = 64 << 20
 
+# Corrupt tiles named in the thumbnail's warning line (the count covers them all).
+_NAMED_TILES = 10
+
 
 @dataclass(frozen=True)
 class TissueParams:
@@ -208,8 +211,9 @@ def read_thumbnail(slide: Any, mpp0: MPP, target_mpp: float, skip_corrupt_tiles:
             region = region.resize((out_w, j1 - j0), Image.Resampling.BOX, box=box)
         stripes.append(np.asarray(region))
     if skipped:
+        named = ", ".join(map(str, skipped[:_NAMED_TILES])) + (", ..." if len(skipped) > _NAMED_TILES else "")
         logger.warning("%s: %d corrupt tile(s) of level %d shown as background in the tissue thumbnail "
-                       "(tiles %s)", slide_path(slide), len(skipped), level, ", ".join(map(str, skipped)))
+                       "(tiles %s)", slide_path(slide), len(skipped), level, named)
     return Thumbnail(np.concatenate(stripes, axis=0), level, len(skipped))
 
 
