@@ -11,9 +11,14 @@ namespace gpfm {
 namespace {
 std::atomic<int> g_threads{0};
 
+// Read once: hardware_concurrency() parses sysfs on every call, which costs more than a small
+// kernel (every parallel_for asks).
 int default_threads() {
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc == 0 ? 1 : static_cast<int>(hc);
+  static const int threads = [] {
+    const unsigned hc = std::thread::hardware_concurrency();
+    return hc == 0 ? 1 : static_cast<int>(hc);
+  }();
+  return threads;
 }
 }  // namespace
 

@@ -1,5 +1,7 @@
 #include "tensor_view.h"
 
+#include <pybind11/numpy.h>
+
 #include <sstream>
 
 #include "gpfm/dlpack_abi.h"
@@ -110,14 +112,17 @@ std::string TensorView::describe() const {
 }
 
 TensorView view_of(const py::handle& obj, const char* name, intptr_t stream) {
-  bool cuda = false;
-  const bool has_dlpack = py::hasattr(obj, "__dlpack__");
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int type = dev[0].cast<int>();
-    cuda = type == dlpack::kCUDA || type == dlpack::kCUDAManaged;
-  }
   try {
+    // NumPy arrays are host memory: straight to the buffer protocol, without the DLPack attribute
+    // probes below, which cost more than the kernel itself on a small thumbnail.
+    if (py::isinstance<py::array>(obj)) return from_buffer(obj);
+    bool cuda = false;
+    const bool has_dlpack = py::hasattr(obj, "__dlpack__");
+    if (py::hasattr(obj, "__dlpack_device__")) {
+      py::tuple dev = obj.attr("__dlpack_device__")();
+      const int type = dev[0].cast<int>();
+      cuda = type == dlpack::kCUDA || type == dlpack::kCUDAManaged;
+    }
     // Host buffers go through the buffer protocol, which (unlike DLPack) accepts read-only arrays.
     if (!cuda && PyObject_CheckBuffer(obj.ptr())) return from_buffer(obj);
     if (has_dlpack) return from_dlpack(obj, cuda, stream);
