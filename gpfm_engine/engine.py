@@ -279,6 +279,9 @@ class Engine:
             "engine_version": __version__,
             "source_path": str(getattr(s, "path", "")),
             "reader": str(getattr(s, "backend", "")),
+            # corrupt stored tiles painted as background in the thumbnail (tiles_skipped counts the
+            # ones met while reading patches; a tile can be met by both)
+            "mask_tiles_skipped": int(getattr(plan.mask, "tiles_skipped", 0)),
         }
 
     def model_meta(self) -> dict[str, Any]:

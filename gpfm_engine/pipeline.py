@@ -624,8 +624,9 @@ class Extraction:
                 self._drain(writer)
             if plan.num_patches == 0:
                 record.detail = f"{plan.grid.empty_reason or 'no patches'}: empty output written"
-            elif record.tiles_skipped:
-                record.detail = f"{record.tiles_skipped} corrupt tiles skipped"
+            elif record.tiles_skipped or attrs["mask_tiles_skipped"]:
+                record.detail = (f"{record.tiles_skipped} corrupt tiles skipped, "
+                                 f"{attrs['mask_tiles_skipped']} shown as background in the tissue mask")
             record.seconds = item.prepare_seconds + time.perf_counter() - t0
             writer.put("commit", attrs, item.recipe, record, item.lock)
             committed = True

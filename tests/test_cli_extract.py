@@ -23,7 +23,7 @@ from gpfm_engine.store import FeatureStore, read_features
 TRIDENT_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
                  "level0_width", "level0_height", "name")
 OUR_ATTRS = ("mpp_level0", "mpp_target", "mpp_effective", "read_level", "fov_um", "encoder", "weights_sha256",
-             "precision", "backend", "engine_version", "recipe_sha256", "tiles_skipped")
+             "precision", "backend", "engine_version", "recipe_sha256", "tiles_skipped", "mask_tiles_skipped")
 
 
 @pytest.fixture(scope="module")

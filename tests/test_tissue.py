@@ -256,6 +256,7 @@ def test_engine_masks_a_single_level_slide_with_a_corrupt_tile_unless_told_to_fa
     with open_slide(path) as slide:
         plan = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu").plan(slide)
         assert plan.mask.tiles_skipped == 1 and plan.num_patches > 0
+        assert Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu").meta(plan)["mask_tiles_skipped"] == 1
         strict = Engine(model="gpfm-tiny", weights=tiny_weights, device="cpu", on_tile_error="fail")
         with pytest.raises(TileDecodeError, match=f"level 0 tile {CORRUPT_TILE}"):
             strict.plan(slide)
