@@ -6,6 +6,10 @@ data and on real thumbnails.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -48,9 +52,9 @@ def test_saturation_matches_opencv_for_every_max_min_pair() -> None:
         assert np.array_equal(run_plane(_core.tissue_score, rgb, 0), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1])
 
 
-@pytest.mark.parametrize("dark", [0, 20, 128])
+@pytest.mark.parametrize("dark", [-3, 0, 1, 20, 128, 255, 256])
 def test_score_with_darkness_and_alpha(dark: int) -> None:
-    rng = np.random.default_rng(dark)
+    rng = np.random.default_rng(abs(dark))
     rgba = rng.integers(0, 256, (61, 47, 4), dtype=np.uint8)
     rgba[:5, :, 3] = 0  # fully transparent rows -> white -> saturation 0
     assert np.array_equal(run_plane(_core.tissue_score, rgba, dark), ref.score(rgba, dark))
@@ -197,6 +201,29 @@ def test_chain_matches_reference_on_random_thumbnails(params: TissueParams) -> N
         assert level == ref_level
         assert np.array_equal(mask, ref_mask) and ref.iou(mask, ref_mask) >= 0.99
         assert np.array_equal(integral, ref_integral)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 77), (77, 1), (2, 129), (40, 15), (33, 63), (31, 64), (29, 65),
+                                   (17, 127), (19, 128), (23, 129), (12, 200)])
+def test_chain_matches_reference_at_awkward_sizes(shape: tuple[int, int]) -> None:
+    """Single rows and columns, widths around the 16/32/64-pixel vectors and the 64-pixel words
+    (partial vectors, partial last words, fused unpack + summed-area row)."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    image = tissue_like(rng, shape)
+    for params in PARAMS:
+        mask, integral, level = mask_thumbnail(image, (8.0, 8.0), params)
+        ref_mask, ref_integral, ref_level = ref.segment(image, params.kernel_args((8.0, 8.0)))
+        assert level == ref_level and np.array_equal(mask, ref_mask) and np.array_equal(integral, ref_integral)
+
+
+@pytest.mark.parametrize("simd", ["portable", "avx2"])
+def test_every_simd_path_matches_the_references(simd: str) -> None:
+    """GPFM_SIMD caps the vector ISA the kernels choose once per process ("portable": the plain
+    C++ loops non-x86 builds run; "avx2": no AVX-512), so this file runs again under each cap."""
+    env = dict(os.environ, GPFM_SIMD=simd)
+    args = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "not simd_path"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_chain_on_real_patches_tiled_into_a_thumbnail(shared_data) -> None:

@@ -8,9 +8,15 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "gpfm/launchers.h"
 #include "gpfm/parallel.h"
@@ -28,6 +34,8 @@ using Words = std::vector<uint64_t>;
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
 typedef uint8_t U8x32 __attribute__((vector_size(32)));
 typedef uint8_t U8x64 __attribute__((vector_size(64)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));  // eight counts widened to ...
+typedef int32_t I32x8 __attribute__((vector_size(32)));  // ... eight summed-area entries
 
 template <class V>
 struct VectorMinMax {
@@ -103,6 +111,26 @@ void median_rows_network(const uint8_t* src, int h, int w, int b, int e, uint8_t
   }
 }
 
+// The widest vector ISA the hot loops may use: the CPU's, capped by GPFM_SIMD ("portable" = the
+// plain C++ loops non-x86 builds run, "avx2" = no AVX-512), which is how the tests reach every path.
+enum class Isa { Portable, Avx2, Avx512 };
+
+Isa pick_isa() {
+  const char* env = std::getenv("GPFM_SIMD");
+  const std::string cap = env ? env : "";
+  if (cap == "portable") return Isa::Portable;
+#if defined(__x86_64__)
+  if (cap != "avx2" && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
+  if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
+#endif
+  return Isa::Portable;
+}
+
+Isa isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
 using MedianRowsFn = void (*)(const uint8_t*, int, int, int, int, uint8_t*);
 
 #if defined(__x86_64__)
@@ -123,8 +151,8 @@ __attribute__((target("avx512bw"), flatten)) void median_rows_avx512(const uint8
 template <int K>
 MedianRowsFn median_rows_for_cpu() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512bw")) return median_rows_avx512<K>;
-  if (__builtin_cpu_supports("avx2")) return median_rows_avx2<K>;
+  if (isa() == Isa::Avx512) return median_rows_avx512<K>;
+  if (isa() == Isa::Avx2) return median_rows_avx2<K>;
 #endif
   return median_rows_network<K, U8x16>;
 }
@@ -175,22 +203,90 @@ SaturationTable saturation_table() {
   return t;
 }
 
+// Adds the counts of the bytes p[0..n) to hist (shared by the tasks). Eight interleaved 32-bit
+// sub-histograms: a saturation plane is mostly long runs of one value, and with a single table
+// every increment of such a run waits for the previous one's store (a few cycles per byte).
+void count_bytes(const uint8_t* p, int64_t n, int64_t* hist) {
+  constexpr int kSub = 8;
+  uint32_t sub[kSub][256] = {};
+  int64_t i = 0;
+  for (; i + kSub <= n; i += kSub) {
+    uint64_t eight;
+    std::memcpy(&eight, p + i, kSub);
+    for (int j = 0; j < kSub; ++j) ++sub[j][(eight >> (8 * j)) & 0xFF];
+  }
+  for (; i < n; ++i) ++sub[0][p[i]];
+  for (int v = 0; v < 256; ++v) {
+    int64_t count = 0;
+    for (int j = 0; j < kSub; ++j) count += sub[j][v];
+    if (count) __atomic_fetch_add(hist + v, count, __ATOMIC_RELAXED);
+  }
+}
+
 // The median plane and, when `hist` is given, its 256-bin histogram in the same pass.
 void median_pass(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int k, int64_t* hist) {
   if (hist) std::fill(hist, hist + 256, 0);
   split(h, row_grain(w, kMedianTaskPixels * 7 / std::max(k, 7)), [&](int64_t b, int64_t e) {
     median_rows(src, h, w, k, b, e, dst);
-    if (!hist) return;
-    int64_t local[256] = {0};
-    for (const uint8_t *p = dst + b * w, *end = dst + e * w; p < end; ++p) ++local[*p];
-    for (int i = 0; i < 256; ++i)
-      if (local[i]) __atomic_fetch_add(hist + i, local[i], __ATOMIC_RELAXED);
+    if (hist) count_bytes(dst + b * w, (e - b) * w, hist);
   });
 }
 
+using PackRowFn = void (*)(const uint8_t*, int, int, uint64_t*);
+
+#if defined(__x86_64__)
+// pack_row with a byte compare and a movemask per 32 pixels; a last partial word takes pack_row.
+__attribute__((target("avx2"))) void pack_row_avx2(const uint8_t* row, int w, int level, uint64_t* bits) {
+  int i = 0;
+  if (level >= 0 && level < 255) {
+    const __m256i above = _mm256_set1_epi8(static_cast<char>(level + 1));  // x > level <=> max(x, level + 1) == x
+    for (; 64 * i + 64 <= w; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * i));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * i + 32));
+      const uint32_t lo = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(a, above), a)));
+      const uint32_t hi = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(b, above), b)));
+      bits[i] = lo | static_cast<uint64_t>(hi) << 32;
+    }
+  }
+  if (64 * i < w) pack_row(row + 64 * i, w - 64 * i, level, bits + i);
+}
+#endif
+
 void pack(const uint8_t* src, int64_t h, int64_t w, int level, uint64_t* bits) {
+#if defined(__x86_64__)
+  static const PackRowFn pack_fn = isa() == Isa::Portable ? pack_row : pack_row_avx2;
+#else
+  static const PackRowFn pack_fn = pack_row;
+#endif
   const int64_t nw = words_for(static_cast<int>(w));
-  for_rows(h, w, [&](int y) { pack_row(src + y * w, static_cast<int>(w), level, bits + y * nw); });
+  for_rows(h, w, [&](int y) { pack_fn(src + y * w, static_cast<int>(w), level, bits + y * nw); });
+}
+
+// Mask row y and summed-area row y + 1 (from row y, `above`) out of packed row y in one pass. Per
+// 8 pixels, the spread 0/1 bytes are the mask bytes, and multiplying them by 0x0101...01 gives
+// their running counts (byte j = pixels 0..j: at most 8, so no byte carries into the next).
+void unpack_integral_row(const uint64_t* __restrict bits, int w, const int32_t* __restrict above,
+                         uint8_t* __restrict row, int32_t* __restrict out) {
+  int32_t run = 0;
+  out[0] = 0;
+  for (int x = 0; x < w; x += 8) {
+    const uint64_t byte = (bits[x >> 6] >> (x & 63)) & 0xFFu;
+    const uint64_t ones = spread_bits(byte), counts = ones * 0x0101010101010101ull;
+    const int n = imin(8, w - x);
+    if (n == 8) {
+      std::memcpy(row + x, &ones, 8);
+      U8x8 c8;
+      I32x8 sum;
+      std::memcpy(&c8, &counts, 8);
+      std::memcpy(&sum, above + x + 1, sizeof(sum));
+      sum += __builtin_convertvector(c8, I32x8) + run;
+      std::memcpy(out + x + 1, &sum, sizeof(sum));
+    } else {
+      std::memcpy(row + x, &ones, static_cast<size_t>(n));
+      for (int j = 0; j < n; ++j) out[x + 1 + j] = above[x + 1 + j] + run + static_cast<int32_t>((counts >> (8 * j)) & 0xFFu);
+    }
+    run += static_cast<int32_t>(counts >> 56);  // byte 7: all eight
+  }
 }
 
 void unpack(const uint64_t* bits, int64_t h, int64_t w, uint8_t* dst) {
@@ -282,15 +378,54 @@ void score_rgb_row(const uint8_t* __restrict row, int64_t w, int dark_threshold,
 using ScoreRowFn = void (*)(const uint8_t*, int64_t, int, const SaturationTable&, uint8_t*);
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"), flatten)) void score_rgb_row_avx2(const uint8_t* row, int64_t w, int dark_threshold,
-                                                                  const SaturationTable& table, uint8_t* out) {
-  score_rgb_row(row, w, dark_threshold, table, out);
+// 16 pixels per step: three pshufb per 16-byte load gather each pixel's three channels into three
+// planes (which plane holds R, G or B does not matter for max and min), then V - min, OpenCV's
+// divisor gathered by V, the fixed-point product and the dark test, all in integers: the same
+// bytes as tissue_score. The last w % 16 pixels take the scalar row.
+__attribute__((target("avx2"))) void score_rgb_row_avx2(const uint8_t* row, int64_t w, int dark_threshold,
+                                                        const SaturationTable& table, uint8_t* out) {
+  const __m128i c0 = _mm_setr_epi8(0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i c1 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1);
+  const __m128i c2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13);
+  const __m128i d0 = _mm_setr_epi8(1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i d1 = _mm_setr_epi8(-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1);
+  const __m128i d2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14);
+  const __m128i e0 = _mm_setr_epi8(2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i e1 = _mm_setr_epi8(-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1);
+  const __m128i e2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15);
+  // v >= dark_threshold <=> max(v, dark) == v; above 255 every pixel is dark.
+  const __m128i dark = _mm_set1_epi8(static_cast<char>(clampi(dark_threshold, 0, 255)));
+  const __m128i none = dark_threshold > 255 ? _mm_setzero_si128() : _mm_set1_epi8(-1);
+  const __m256i round = _mm256_set1_epi32(1 << 11);
+  int64_t x = 0;
+  for (; x + 16 <= w; x += 16) {
+    const uint8_t* p = row + 3 * x;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
+    const __m128i ch0 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, c0), _mm_shuffle_epi8(b, c1)), _mm_shuffle_epi8(c, c2));
+    const __m128i ch1 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, d0), _mm_shuffle_epi8(b, d1)), _mm_shuffle_epi8(c, d2));
+    const __m128i ch2 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, e0), _mm_shuffle_epi8(b, e1)), _mm_shuffle_epi8(c, e2));
+    const __m128i v = _mm_max_epu8(ch0, _mm_max_epu8(ch1, ch2));
+    const __m128i diff = _mm_sub_epi8(v, _mm_min_epu8(ch0, _mm_min_epu8(ch1, ch2)));
+    __m256i s[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m128i vh = half ? _mm_srli_si128(v, 8) : v, dh = half ? _mm_srli_si128(diff, 8) : diff;
+      const __m256i div = _mm256_i32gather_epi32(table.div, _mm256_cvtepu8_epi32(vh), 4);
+      s[half] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvtepu8_epi32(dh), div), round), 12);
+    }
+    const __m256i s16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(s[0], s[1]), 0xD8);
+    const __m128i s8 = _mm_packus_epi16(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+    const __m128i keep = _mm_and_si128(_mm_cmpeq_epi8(_mm_max_epu8(v, dark), v), none);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + x), _mm_and_si128(s8, keep));
+  }
+  score_rgb_row(row + 3 * x, w - x, dark_threshold, table, out + x);
 }
 #endif
 
 ScoreRowFn score_row_for_cpu() {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2")) return score_rgb_row_avx2;
+  if (isa() != Isa::Portable) return score_rgb_row_avx2;
 #endif
   return score_rgb_row;
 }
@@ -318,12 +453,7 @@ void median_blur_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, int
 
 void histogram256_cpu(const uint8_t* src, int64_t n, int64_t* hist) {
   std::fill(hist, hist + 256, 0);
-  split(n, kLightTaskPixels, [&](int64_t b, int64_t e) {
-    int64_t local[256] = {0};
-    for (int64_t i = b; i < e; ++i) ++local[src[i]];
-    for (int i = 0; i < 256; ++i)
-      if (local[i]) __atomic_fetch_add(hist + i, local[i], __ATOMIC_RELAXED);
-  });
+  split(n, kLightTaskPixels, [&](int64_t b, int64_t e) { count_bytes(src + b, e - b, hist); });
 }
 
 void morphology_cpu(const uint8_t* src, uint8_t* dst, int64_t h, int64_t w, MorphOp op, int k) {
@@ -397,8 +527,15 @@ int segment_tissue_cpu(const TissueImage& src, const MaskParams& p, uint8_t* mas
   if (p.close_k > 1) close_or_open(bits.data(), scratch.data(), h, w, p.close_k, true);
   if (p.open_k > 1) close_or_open(bits.data(), scratch.data(), h, w, p.open_k, false);
   filter_packed(bits.data(), scratch.data(), h, w, p.min_tissue_px, p.min_hole_px);
-  unpack(bits.data(), h, w, mask);
-  integral_image_cpu(mask, sat, h, w);
+  if (h * w <= kLightTaskPixels) {  // one task: the mask and the table in a single serial pass
+    std::fill(sat, sat + w + 1, 0);
+    for (int64_t y = 0; y < h; ++y)
+      unpack_integral_row(bits.data() + y * words_for(static_cast<int>(w)), static_cast<int>(w), sat + y * (w + 1),
+                          mask + y * w, sat + (y + 1) * (w + 1));
+  } else {
+    unpack(bits.data(), h, w, mask);
+    integral_image_cpu(mask, sat, h, w);
+  }
   return level;
 }
 
