@@ -11,6 +11,7 @@ summed-area table that answers "which fraction of this rectangle is tissue" in O
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class TissueParams:
     min_hole_um2: float = 16384.0
 
     def kernel_args(self, mpp: MPP) -> dict[str, int]:
-        """The integer arguments of ``_core.segment_tissue`` for a thumbnail at ``mpp`` µm/px."""
+        """The integer arguments of ``_core.segment_tissue`` for a thumbnail at ``mpp`` µm/px, in
+        the order of its parameters (:func:`mask_thumbnail` passes them by position)."""
         px_um = math.sqrt(mpp[0] * mpp[1])
         px_area = mpp[0] * mpp[1]
         return dict(
@@ -75,6 +77,14 @@ class TissueParams:
             min_tissue_px=math.ceil(self.min_tissue_um2 / px_area),
             min_hole_px=math.ceil(self.min_hole_um2 / px_area),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_args(params: TissueParams, mpp: MPP) -> tuple[int, ...]:
+    """``params.kernel_args(mpp)`` as positional arguments, cached: a scanner's slides share their
+    settings and thumbnail resolution, and on a small thumbnail building the arguments and passing
+    them by keyword costs a noticeable share of a cold call."""
+    return tuple(params.kernel_args(mpp).values())
 
 
 def odd_size(um: float, px_um: float) -> int:
@@ -266,8 +276,7 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
     Runs on the device the array lives on: NumPy arrays on the CPU threads (GIL released), CUDA
     tensors on torch's current stream (outputs are then CUDA tensors).
     """
-    params = params or TissueParams()
-    args = params.kernel_args(mpp_um)
+    args = _segment_args(params or TissueParams(), tuple(mpp_um))
     if _is_cuda(thumbnail):
         import torch
 
@@ -276,9 +285,9 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
         integral = torch.empty((h + 1, w + 1), dtype=torch.int32, device=thumbnail.device)
         level = torch.empty(1, dtype=torch.int32, device=thumbnail.device)
         stream = torch.cuda.current_stream(thumbnail.device).cuda_stream
-        _core.segment_tissue(thumbnail, mask, integral, level, **args, stream=stream)
+        _core.segment_tissue(thumbnail, mask, integral, level, *args, stream)
         return mask, integral, int(level.item())
-    return _core.segment_tissue(np.ascontiguousarray(thumbnail), **args)
+    return _core.segment_tissue(np.ascontiguousarray(thumbnail), None, None, None, *args)
 
 
 def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None,
