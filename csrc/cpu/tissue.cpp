@@ -34,8 +34,6 @@ using Words = std::vector<uint64_t>;
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
 typedef uint8_t U8x32 __attribute__((vector_size(32)));
 typedef uint8_t U8x64 __attribute__((vector_size(64)));
-typedef uint8_t U8x8 __attribute__((vector_size(8)));  // eight counts widened to ...
-typedef int32_t I32x8 __attribute__((vector_size(32)));  // ... eight summed-area entries
 
 template <class V>
 struct VectorMinMax {
@@ -262,32 +260,64 @@ void pack(const uint8_t* src, int64_t h, int64_t w, int level, uint64_t* bits) {
   for_rows(h, w, [&](int y) { pack_fn(src + y * w, static_cast<int>(w), level, bits + y * nw); });
 }
 
-// Mask row y and summed-area row y + 1 (from row y, `above`) out of packed row y in one pass. Per
-// 8 pixels, the spread 0/1 bytes are the mask bytes, and multiplying them by 0x0101...01 gives
-// their running counts (byte j = pixels 0..j: at most 8, so no byte carries into the next).
-void unpack_integral_row(const uint64_t* __restrict bits, int w, const int32_t* __restrict above,
-                         uint8_t* __restrict row, int32_t* __restrict out) {
-  int32_t run = 0;
-  out[0] = 0;
-  for (int x = 0; x < w; x += 8) {
+// Pixels [x, w) of mask row y and summed-area row y + 1 (from row y, `above`) out of packed row y;
+// x is a multiple of 8 and `run` counts the row's pixels set before x. Per 8 pixels, the spread
+// 0/1 bytes are the mask bytes, and multiplying them by 0x0101...01 gives their running counts
+// (byte j = pixels 0..j: at most 8, so no byte carries into the next).
+void unpack_integral_tail(const uint64_t* __restrict bits, int x, int w, int32_t run, const int32_t* __restrict above,
+                          uint8_t* __restrict row, int32_t* __restrict out) {
+  for (; x < w; x += 8) {
     const uint64_t byte = (bits[x >> 6] >> (x & 63)) & 0xFFu;
     const uint64_t ones = spread_bits(byte), counts = ones * 0x0101010101010101ull;
     const int n = imin(8, w - x);
-    if (n == 8) {
-      std::memcpy(row + x, &ones, 8);
-      U8x8 c8;
-      I32x8 sum;
-      std::memcpy(&c8, &counts, 8);
-      std::memcpy(&sum, above + x + 1, sizeof(sum));
-      sum += __builtin_convertvector(c8, I32x8) + run;
-      std::memcpy(out + x + 1, &sum, sizeof(sum));
-    } else {
-      std::memcpy(row + x, &ones, static_cast<size_t>(n));
-      for (int j = 0; j < n; ++j) out[x + 1 + j] = above[x + 1 + j] + run + static_cast<int32_t>((counts >> (8 * j)) & 0xFFu);
-    }
+    std::memcpy(row + x, &ones, static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) out[x + 1 + j] = above[x + 1 + j] + run + static_cast<int32_t>((counts >> (8 * j)) & 0xFFu);
     run += static_cast<int32_t>(counts >> 56);  // byte 7: all eight
   }
 }
+
+// Mask row y and summed-area row y + 1 in one pass (the table's first column is 0).
+void unpack_integral_row(const uint64_t* bits, int w, const int32_t* above, uint8_t* row, int32_t* out) {
+  out[0] = 0;
+  unpack_integral_tail(bits, 0, w, 0, above, row, out);
+}
+
+using UnpackIntegralRowFn = void (*)(const uint64_t*, int, const int32_t*, uint8_t*, int32_t*);
+
+#if defined(__x86_64__)
+// unpack_integral_row 32 pixels per step: each byte of the 32 bits is broadcast to 8 lanes and
+// tested against its lane's bit, the running counts within each 8 lanes come from three shifted
+// adds, and each 8 are widened and added to the row above and the count so far.
+__attribute__((target("avx2,popcnt"))) void unpack_integral_row_avx2(const uint64_t* bits, int w, const int32_t* above,
+                                                                    uint8_t* row, int32_t* out) {
+  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                        3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i one = _mm256_set1_epi8(1);
+  int32_t run = 0;
+  out[0] = 0;
+  int x = 0;
+  for (; x + 32 <= w; x += 32) {
+    const uint32_t b = static_cast<uint32_t>(bits[x >> 6] >> (x & 63));
+    const __m256i spread = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(b)), pick), bit);
+    const __m256i ones = _mm256_and_si256(_mm256_cmpeq_epi8(spread, bit), one);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x), ones);
+    __m256i counts = _mm256_add_epi8(ones, _mm256_slli_epi64(ones, 8));
+    counts = _mm256_add_epi8(counts, _mm256_slli_epi64(counts, 16));
+    counts = _mm256_add_epi8(counts, _mm256_slli_epi64(counts, 32));  // byte j of 8: pixels 0..j of those 8
+    alignas(32) uint64_t eight[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(eight), counts);
+    for (int g = 0; g < 4; ++g) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(eight[g])));
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(above + x + 1 + 8 * g));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + x + 1 + 8 * g),
+                          _mm256_add_epi32(_mm256_add_epi32(a, c), _mm256_set1_epi32(run)));
+      run += static_cast<int32_t>(eight[g] >> 56);
+    }
+  }
+  unpack_integral_tail(bits, x, w, run, above, row, out);
+}
+#endif
 
 void unpack(const uint64_t* bits, int64_t h, int64_t w, uint8_t* dst) {
   const int64_t nw = words_for(static_cast<int>(w));
@@ -528,9 +558,14 @@ int segment_tissue_cpu(const TissueImage& src, const MaskParams& p, uint8_t* mas
   if (p.open_k > 1) close_or_open(bits.data(), scratch.data(), h, w, p.open_k, false);
   filter_packed(bits.data(), scratch.data(), h, w, p.min_tissue_px, p.min_hole_px);
   if (h * w <= kLightTaskPixels) {  // one task: the mask and the table in a single serial pass
+#if defined(__x86_64__)
+    static const UnpackIntegralRowFn unpack_integral = isa() == Isa::Portable ? unpack_integral_row : unpack_integral_row_avx2;
+#else
+    static const UnpackIntegralRowFn unpack_integral = unpack_integral_row;
+#endif
     std::fill(sat, sat + w + 1, 0);
     for (int64_t y = 0; y < h; ++y)
-      unpack_integral_row(bits.data() + y * words_for(static_cast<int>(w)), static_cast<int>(w), sat + y * (w + 1),
+      unpack_integral(bits.data() + y * words_for(static_cast<int>(w)), static_cast<int>(w), sat + y * (w + 1),
                           mask + y * w, sat + (y + 1) * (w + 1));
   } else {
     unpack(bits.data(), h, w, mask);

@@ -31,8 +31,14 @@ GPFM_HD int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : 
 GPFM_HD int popcount64(uint64_t v) {
 #if defined(__CUDA_ARCH__)
   return __popcll(v);
-#else
+#elif defined(__POPCNT__) || !defined(__x86_64__)
   return __builtin_popcountll(v);
+#else
+  // Baseline x86-64 has no popcnt instruction, and the builtin becomes a libgcc call per word.
+  v -= (v >> 1) & 0x5555555555555555ull;
+  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+  v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+  return static_cast<int>((v * 0x0101010101010101ull) >> 56);
 #endif
 }
 
