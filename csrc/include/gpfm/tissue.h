@@ -506,12 +506,14 @@ GPFM_HD int ellipse_halfwidth(int k, int dy) {
 
 // t |= (t shifted by +s) | (t shifted by -s), 1 <= s <= 63, across the words of a packed row.
 GPFM_HD void shift_or(uint64_t* t, int nw, int s) {
-  uint64_t prev = 0;
-  for (int i = 0; i < nw; ++i) {
-    const uint64_t cur = t[i], next = i + 1 < nw ? t[i + 1] : 0;
+  uint64_t prev = 0, cur = t[0];
+  for (int i = 0; i + 1 < nw; ++i) {
+    const uint64_t next = t[i + 1];
     t[i] = cur | (cur << s) | (prev >> (64 - s)) | (cur >> s) | (next << (64 - s));
     prev = cur;
+    cur = next;
   }
+  t[nw - 1] = cur | (cur << s) | (prev >> (64 - s)) | (cur >> s);
 }
 
 // Horizontal dilation of a row already dilated by radius `from` up to radius `to`: the radius
@@ -551,8 +553,9 @@ GPFM_HD Ellipse make_ellipse(int k) {
 // edge neither grows nor erodes the mask.
 GPFM_HD void dilate_row_radii(const uint64_t* row, int w, bool erode, const Ellipse& e, uint64_t* out, int64_t plane) {
   const int nw = words_for(w);
-  const uint64_t tail = tail_mask(w);
-  for (int i = 0; i < nw; ++i) out[i] = color_word(row, i, nw, tail, erode ? 0 : 1);
+  const uint64_t flip = erode ? ~0ull : 0;
+  for (int i = 0; i < nw; ++i) out[i] = row[i] ^ flip;
+  out[nw - 1] &= tail_mask(w);
   int covered = 0;
   for (int j = 0; j < e.n; ++j) {
     uint64_t* t = out + j * plane;
@@ -568,15 +571,15 @@ GPFM_HD void dilate_row_radii(const uint64_t* row, int w, bool erode, const Elli
 GPFM_HD void combine_rows(const uint64_t* dilated, int64_t plane, int y0, int h, int w, int y, const Ellipse& e,
                           bool erode, uint64_t* out) {
   const int nw = words_for(w);
-  for (int i = 0; i < nw; ++i) out[i] = 0;
-  for (int dy = -e.r; dy <= e.r; ++dy) {
-    const int yy = y + dy;
-    if (yy < 0 || yy >= h) continue;
-    const uint64_t* row = dilated + e.pick[dy + e.r] * plane + static_cast<int64_t>(yy - y0) * nw;
+  const int dy0 = imax(-e.r, -y), dy1 = imin(e.r, h - 1 - y);  // rows inside the image
+  const uint64_t flip = erode ? ~0ull : 0;
+  const uint64_t* first = dilated + e.pick[dy0 + e.r] * plane + static_cast<int64_t>(y + dy0 - y0) * nw;
+  for (int i = 0; i < nw; ++i) out[i] = first[i];
+  for (int dy = dy0 + 1; dy <= dy1; ++dy) {
+    const uint64_t* row = dilated + e.pick[dy + e.r] * plane + static_cast<int64_t>(y + dy - y0) * nw;
     for (int i = 0; i < nw; ++i) out[i] |= row[i];
   }
-  if (erode)
-    for (int i = 0; i < nw; ++i) out[i] = ~out[i];
+  for (int i = 0; i < nw; ++i) out[i] ^= flip;
   out[nw - 1] &= tail_mask(w);
 }
 
