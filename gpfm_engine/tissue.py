@@ -277,6 +277,8 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
     tensors on torch's current stream (outputs are then CUDA tensors).
     """
     args = _segment_args(params or TissueParams(), tuple(mpp_um))
+    if isinstance(thumbnail, np.ndarray):  # the common case, without probing for a device attribute
+        return _core.segment_tissue(np.ascontiguousarray(thumbnail), None, None, None, *args)
     if _is_cuda(thumbnail):
         import torch
 
