@@ -271,7 +271,8 @@ void unpack_integral_tail(const uint64_t* __restrict bits, int x, int w, int32_t
     const uint64_t ones = spread_bits(byte), counts = ones * 0x0101010101010101ull;
     const int n = imin(8, w - x);
     std::memcpy(row + x, &ones, static_cast<size_t>(n));
-    for (int j = 0; j < n; ++j) out[x + 1 + j] = above[x + 1 + j] + run + static_cast<int32_t>((counts >> (8 * j)) & 0xFFu);
+    for (int j = 0; j < n; ++j)
+      out[x + 1 + j] = above[x + 1 + j] + run + static_cast<int32_t>((counts >> (8 * j)) & 0xFFu);
     run += static_cast<int32_t>(counts >> 56);  // byte 7: all eight
   }
 }
@@ -408,6 +409,12 @@ void score_rgb_row(const uint8_t* __restrict row, int64_t w, int dark_threshold,
 using ScoreRowFn = void (*)(const uint8_t*, int64_t, int, const SaturationTable&, uint8_t*);
 
 #if defined(__x86_64__)
+// The bytes of a, b and c that the three shuffle masks select, merged.
+__attribute__((target("avx2"))) inline __m128i shuffle3(__m128i a, __m128i b, __m128i c, __m128i ma, __m128i mb,
+                                                        __m128i mc) {
+  return _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, ma), _mm_shuffle_epi8(b, mb)), _mm_shuffle_epi8(c, mc));
+}
+
 // 16 pixels per step: three pshufb per 16-byte load gather each pixel's three channels into three
 // planes (which plane holds R, G or B does not matter for max and min), then V - min, OpenCV's
 // divisor gathered by V, the fixed-point product and the dark test, all in integers: the same
@@ -433,9 +440,8 @@ __attribute__((target("avx2"))) void score_rgb_row_avx2(const uint8_t* row, int6
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
-    const __m128i ch0 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, c0), _mm_shuffle_epi8(b, c1)), _mm_shuffle_epi8(c, c2));
-    const __m128i ch1 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, d0), _mm_shuffle_epi8(b, d1)), _mm_shuffle_epi8(c, d2));
-    const __m128i ch2 = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, e0), _mm_shuffle_epi8(b, e1)), _mm_shuffle_epi8(c, e2));
+    const __m128i ch0 = shuffle3(a, b, c, c0, c1, c2), ch1 = shuffle3(a, b, c, d0, d1, d2);
+    const __m128i ch2 = shuffle3(a, b, c, e0, e1, e2);
     const __m128i v = _mm_max_epu8(ch0, _mm_max_epu8(ch1, ch2));
     const __m128i diff = _mm_sub_epi8(v, _mm_min_epu8(ch0, _mm_min_epu8(ch1, ch2)));
     __m256i s[2];
@@ -559,7 +565,8 @@ int segment_tissue_cpu(const TissueImage& src, const MaskParams& p, uint8_t* mas
   filter_packed(bits.data(), scratch.data(), h, w, p.min_tissue_px, p.min_hole_px);
   if (h * w <= kLightTaskPixels) {  // one task: the mask and the table in a single serial pass
 #if defined(__x86_64__)
-    static const UnpackIntegralRowFn unpack_integral = isa() == Isa::Portable ? unpack_integral_row : unpack_integral_row_avx2;
+    static const UnpackIntegralRowFn unpack_integral =
+        isa() == Isa::Portable ? unpack_integral_row : unpack_integral_row_avx2;
 #else
     static const UnpackIntegralRowFn unpack_integral = unpack_integral_row;
 #endif

@@ -117,7 +117,8 @@ GPFM_HD double div_rn(double a, double b) {
 GPFM_HD int over_white(int c, int a) { return (c * a + 255 * (255 - a) + 127) / 255; }
 
 // OpenCV's 8-bit RGB->HSV saturation divides by V through a 12-bit fixed-point table,
-// round(255 * 2^12 / V) (never a tie for V <= 255). Launchers fill one table per call.
+// round(255 * 2^12 / V) (never a tie for V <= 255). The CPU builds the table once per process;
+// CUDA passes it to each launch.
 struct SaturationTable {
   int32_t div[256];
 };
