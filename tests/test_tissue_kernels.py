@@ -136,6 +136,16 @@ def test_morphology_matches_opencv_ellipse(op: str, k: int) -> None:
         assert np.array_equal(out, ref.morphology(src, op, k)), shape
 
 
+@pytest.mark.parametrize("w", [64, 65, 128, 150, 192, 250, 256, 257, 300])
+def test_morphology_matches_opencv_at_word_counts(w: int) -> None:
+    """Rows of 1..4 words take code compiled for their word count, longer rows the general loops."""
+    rng = np.random.default_rng(w)
+    src = smooth_mask(rng, (37, w), 1.5, 0.5)
+    for op in ("dilate", "erode", "close", "open"):
+        for k in (3, 9, 15):
+            assert np.array_equal(run_plane(_core.morphology, src, op, k), ref.morphology(src, op, k)), (op, k)
+
+
 # --- components -----------------------------------------------------------------------------------
 
 

@@ -325,20 +325,32 @@ void unpack(const uint64_t* bits, int64_t h, int64_t w, uint8_t* dst) {
   for_rows(h, w, [&](int y) { unpack_row(bits + y * nw, static_cast<int>(w), dst + y * w); });
 }
 
-// One dilation or erosion of a packed plane; each task dilates its rows and the r rows around.
-void morph_once(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, int k, bool erode) {
-  const Ellipse e = make_ellipse(k);
+// Rows [b, e) of one dilation or erosion of a packed plane of NW words per row (0 = any), from
+// their own dilated rows and the r rows around.
+template <int NW>
+void morph_rows(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, const Ellipse& e, bool erode, int64_t b,
+                int64_t end) {
   const int hi = static_cast<int>(h), wi = static_cast<int>(w);
   const int64_t nw = words_for(wi);
-  split(h, row_grain(w), [&](int64_t b, int64_t end) {
-    const int64_t y0 = std::max<int64_t>(b - e.r, 0), y1 = std::min<int64_t>(end + e.r, h);
-    const int64_t plane = (y1 - y0) * nw;
-    std::unique_ptr<uint64_t[]> dilated(new uint64_t[plane * e.n]);
-    for (int64_t y = y0; y < y1; ++y)
-      dilate_row_radii(src + y * nw, wi, erode, e, dilated.get() + (y - y0) * nw, plane);
-    for (int64_t y = b; y < end; ++y)
-      combine_rows(dilated.get(), plane, static_cast<int>(y0), hi, wi, static_cast<int>(y), e, erode, dst + y * nw);
-  });
+  const int64_t y0 = std::max<int64_t>(b - e.r, 0), y1 = std::min<int64_t>(end + e.r, h);
+  const int64_t plane = (y1 - y0) * nw;
+  std::unique_ptr<uint64_t[]> dilated(new uint64_t[plane * e.n]);
+  for (int64_t y = y0; y < y1; ++y)
+    dilate_row_radii<NW>(src + y * nw, wi, erode, e, dilated.get() + (y - y0) * nw, plane);
+  for (int64_t y = b; y < end; ++y)
+    combine_rows<NW>(dilated.get(), plane, static_cast<int>(y0), hi, wi, static_cast<int>(y), e, erode, dst + y * nw);
+}
+
+// One dilation or erosion of a packed plane in row tasks. Rows of up to 256 pixels (most
+// thumbnails of small specimens) take code compiled for their word count: loops of a runtime
+// length of 1..4 words cost about twice the work they do.
+void morph_once(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, int k, bool erode) {
+  using RowsFn = void (*)(const uint64_t*, uint64_t*, int64_t, int64_t, const Ellipse&, bool, int64_t, int64_t);
+  static constexpr RowsFn fixed[5] = {morph_rows<0>, morph_rows<1>, morph_rows<2>, morph_rows<3>, morph_rows<4>};
+  const Ellipse e = make_ellipse(k);
+  const int nw = words_for(static_cast<int>(w));
+  const RowsFn rows = nw <= 4 ? fixed[nw] : morph_rows<0>;
+  split(h, row_grain(w), [&](int64_t b, int64_t end) { rows(src, dst, h, w, e, erode, b, end); });
 }
 
 // Close (dilate, erode) or open (erode, dilate) a packed plane in place; `scratch` is its size.

@@ -506,7 +506,11 @@ GPFM_HD int ellipse_halfwidth(int k, int dy) {
 }
 
 // t |= (t shifted by +s) | (t shifted by -s), 1 <= s <= 63, across the words of a packed row.
+// NW > 0 promises nw == NW (the row functions below take the same parameter): the CPU instantiates
+// the few word counts of small thumbnails, whose loops then unroll; 0 = any width.
+template <int NW = 0>
 GPFM_HD void shift_or(uint64_t* t, int nw, int s) {
+  if (NW > 0) nw = NW;
   uint64_t prev = 0, cur = t[0];
   for (int i = 0; i + 1 < nw; ++i) {
     const uint64_t next = t[i + 1];
@@ -519,10 +523,11 @@ GPFM_HD void shift_or(uint64_t* t, int nw, int s) {
 
 // Horizontal dilation of a row already dilated by radius `from` up to radius `to`: the radius
 // covered doubles with each shift_or.
+template <int NW = 0>
 GPFM_HD void dilate_horizontally(uint64_t* t, int nw, int from, int to) {
   for (int c = from; c < to;) {
     const int s = imin(imin(c + 1, to - c), 63);
-    shift_or(t, nw, s);
+    shift_or<NW>(t, nw, s);
     c += s;
   }
 }
@@ -552,8 +557,9 @@ GPFM_HD Ellipse make_ellipse(int k) {
 // `plane` words apart) and then combined. Erosion is the complement of the dilated complement.
 // Pixels outside the image are ignored (OpenCV's default border for morphology), so the image
 // edge neither grows nor erodes the mask.
+template <int NW = 0>
 GPFM_HD void dilate_row_radii(const uint64_t* row, int w, bool erode, const Ellipse& e, uint64_t* out, int64_t plane) {
-  const int nw = words_for(w);
+  const int nw = NW > 0 ? NW : words_for(w);
   const uint64_t flip = erode ? ~0ull : 0;
   for (int i = 0; i < nw; ++i) out[i] = row[i] ^ flip;
   out[nw - 1] &= tail_mask(w);
@@ -562,16 +568,17 @@ GPFM_HD void dilate_row_radii(const uint64_t* row, int w, bool erode, const Elli
     uint64_t* t = out + j * plane;
     if (j > 0)
       for (int i = 0; i < nw; ++i) t[i] = t[i - plane];
-    dilate_horizontally(t, nw, covered, e.radius[j]);
+    dilate_horizontally<NW>(t, nw, covered, e.radius[j]);
     covered = e.radius[j];
   }
 }
 
 // Row y of the dilation (or erosion) from the dilated rows of dilate_row_radii, whose first
 // stored row is y0.
+template <int NW = 0>
 GPFM_HD void combine_rows(const uint64_t* dilated, int64_t plane, int y0, int h, int w, int y, const Ellipse& e,
                           bool erode, uint64_t* out) {
-  const int nw = words_for(w);
+  const int nw = NW > 0 ? NW : words_for(w);
   const int dy0 = imax(-e.r, -y), dy1 = imin(e.r, h - 1 - y);  // rows inside the image
   const uint64_t flip = erode ? ~0ull : 0;
   const uint64_t* first = dilated + e.pick[dy0 + e.r] * plane + static_cast<int64_t>(y + dy0 - y0) * nw;
