@@ -484,6 +484,12 @@ void tissue_score_cpu(const TissueImage& src, uint8_t* dst, int dark_threshold) 
   static const ScoreRowFn score_rgb = score_row_for_cpu();
   const int channels = static_cast<int>(src.channels);
   static const SaturationTable table = saturation_table();  // 256 divisions: once, not per thumbnail
+  if (channels == 3 && src.sx == 3 && src.sy == 3 * src.w) {  // packed rows: one long row, one partial vector
+    split(src.h * src.w, kLightTaskPixels, [&](int64_t b, int64_t e) {
+      score_rgb(src.data + 3 * b, e - b, dark_threshold, table, dst + b);
+    });
+    return;
+  }
   for_rows(src.h, src.w, [&](int y) {
     const uint8_t* row = src.data + y * src.sy;
     uint8_t* out = dst + y * src.w;
