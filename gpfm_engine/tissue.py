@@ -11,7 +11,6 @@ summed-area table that answers "which fraction of this rectangle is tissue" in O
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -79,12 +78,22 @@ class TissueParams:
         )
 
 
-@functools.lru_cache(maxsize=64)
+# The (settings, thumbnail mpp, kernel arguments) of the last mask_thumbnail call.
+_last_args: tuple[TissueParams | None, MPP, tuple[int, ...]] = (None, (0.0, 0.0), ())
+
+
 def _segment_args(params: TissueParams, mpp: MPP) -> tuple[int, ...]:
-    """``params.kernel_args(mpp)`` as positional arguments, cached: a scanner's slides share their
-    settings and thumbnail resolution, and on a small thumbnail building the arguments and passing
-    them by keyword costs a noticeable share of a cold call."""
-    return tuple(params.kernel_args(mpp).values())
+    """``params.kernel_args(mpp)`` as positional arguments, remembered for the next call: a run's
+    slides share their settings (frozen, so the same object means the same values) and often the
+    thumbnail resolution, and on a small thumbnail rebuilding the arguments, hashing the settings
+    or passing keywords costs a noticeable share of a cold call."""
+    global _last_args
+    last = _last_args
+    if last[0] is params and last[1] == mpp:
+        return last[2]
+    args = tuple(params.kernel_args(mpp).values())
+    _last_args = (params, mpp, args)
+    return args
 
 
 def odd_size(um: float, px_um: float) -> int:
