@@ -12,10 +12,8 @@
 // Both transpositions are 16 x 16 byte block transposes (SSE2 on x86); the two hot loops exist as
 // portable C++ and as AVX2 intrinsics, picked once at run time.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
-#include <string>
 #include <vector>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GPFM_X86 1
@@ -24,6 +22,7 @@
 #define GPFM_X86 0
 #endif
 
+#include "gpfm/isa.h"
 #include "gpfm/launchers.h"
 #include "gpfm/parallel.h"
 #include "gpfm/resample.h"
@@ -274,15 +273,11 @@ struct HotLoops {
   void (*vertical)(const uint8_t* src, int64_t stride, const int32_t* k, int count, int width, uint8_t* out);
 };
 
-// x86 SIMD where the CPU has AVX2, unless GPFM_SIMD=portable (how the tests reach the code that
-// non-x86 builds run).
+// x86 SIMD where cpu_isa() allows AVX2 (GPFM_SIMD=portable reaches the code non-x86 builds run).
 HotLoops pick_hot_loops() {
-  const char* env = std::getenv("GPFM_SIMD");
-  const bool portable = env != nullptr && std::string(env) == "portable";
 #if GPFM_X86
-  if (!portable && __builtin_cpu_supports("avx2")) return {true, horizontal_block_avx2, vertical_row_avx2};
+  if (cpu_isa() != Isa::Portable) return {true, horizontal_block_avx2, vertical_row_avx2};
 #endif
-  (void)portable;
   return {false, horizontal_block_portable, vertical_row_portable};
 }
 

@@ -8,16 +8,15 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "gpfm/isa.h"
 #include "gpfm/launchers.h"
 #include "gpfm/parallel.h"
 #include "gpfm/tissue.h"
@@ -109,25 +108,7 @@ void median_rows_network(const uint8_t* src, int h, int w, int b, int e, uint8_t
   }
 }
 
-// The widest vector ISA the hot loops may use: the CPU's, capped by GPFM_SIMD ("portable" = the
-// plain C++ loops non-x86 builds run, "avx2" = no AVX-512), which is how the tests reach every path.
-enum class Isa { Portable, Avx2, Avx512 };
-
-Isa pick_isa() {
-  const char* env = std::getenv("GPFM_SIMD");
-  const std::string cap = env ? env : "";
-  if (cap == "portable") return Isa::Portable;
-#if defined(__x86_64__)
-  if (cap != "avx2" && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
-#endif
-  return Isa::Portable;
-}
-
-Isa isa() {
-  static const Isa chosen = pick_isa();
-  return chosen;
-}
+Isa isa() { return cpu_isa(); }
 
 using MedianRowsFn = void (*)(const uint8_t*, int, int, int, int, uint8_t*);
 
