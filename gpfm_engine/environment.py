@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from gpfm_engine import __version__
+from gpfm_engine.errors import exception_summary
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def probe(name: str, module: str) -> PluginStatus:
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return PluginStatus(name, module, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return PluginStatus(name, module, False, exception_summary(exc))
     top = sys.modules.get(module.split(".")[0], mod)
     version = getattr(mod, "__version__", None) or getattr(top, "__version__", "")
     return PluginStatus(name, module, True, str(version))

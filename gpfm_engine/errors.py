@@ -35,3 +35,9 @@ class MissingExtraError(GpfmError):
 
     def __init__(self, package: str, extra: str, purpose: str) -> None:
         super().__init__(f"{purpose} needs the '{package}' package: pip install 'gpfm-engine[{extra}]'")
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``Type: first line of the message``: third-party errors folded into our one-line messages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -37,7 +37,7 @@ import torch
 
 from gpfm_engine import locks
 from gpfm_engine.cuda_stream import on_engine_stream, to_device, to_host_async
-from gpfm_engine.errors import GpfmError, TileDecodeError
+from gpfm_engine.errors import GpfmError, TileDecodeError, exception_summary
 from gpfm_engine.runlog import SlideRecord, Status
 from gpfm_engine.store import Action, FeatureStore, source_fingerprint
 
@@ -88,8 +88,10 @@ def hand_over(tensor: torch.Tensor) -> torch.Tensor:
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line: our errors already name file and cause; others get their type."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if isinstance(exc, GpfmError) else f"{type(exc).__name__}: {text}"
+    if isinstance(exc, GpfmError):
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else ""
+    return exception_summary(exc)
 
 
 # ----------------------------------------------------------------------------- stored tiles

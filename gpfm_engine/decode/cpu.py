@@ -22,6 +22,8 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
+from gpfm_engine.errors import exception_summary
+
 # JPEG streams decoded at reduced size by libjpeg's DCT scaling (scale_denom 2, 4, 8): the levels
 # OpenSlide adds to Hamamatsu slides. ``"jpeg/N"`` names full-size JPEG streams decoded at 1/N.
 SCALED_JPEG: dict[str, int] = {"jpeg/2": 2, "jpeg/4": 4, "jpeg/8": 8}
@@ -235,9 +237,3 @@ def _check_jpeg(stream: bytes) -> None:
     if foreign is not None:
         bad = foreign.start()
         raise StreamDecodeError(0, f"corrupt JPEG scan data (marker 0xFF{stream[bad + 1]:02X} at byte {bad})")
-
-
-def exception_summary(exc: BaseException) -> str:
-    """``Type: first line of the message``: third-party errors folded into our one-line messages."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gpfm_engine.cuda_stream import on_engine_stream, to_device, upload_tiles
-from gpfm_engine.errors import GpfmError, MissingExtraError
+from gpfm_engine.errors import GpfmError, MissingExtraError, exception_summary
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def probe(decoder: GpuDecoder) -> str | None:
             if diff > PROBE_TOLERANCE:
                 return f"{label} probe tile differs from the CPU decoder by {diff} grey levels"
     except Exception as exc:  # noqa: BLE001 - a probe that cannot run means "does not work here"
-        return f"probe failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"probe failed: {exception_summary(exc)}"
     return None
 
 
@@ -207,7 +207,7 @@ def create_gpu_decoder(name: str = "auto", device: torch.device | str = "cuda", 
             reasons.append(f"{candidate}: {exc}")
             continue
         except Exception as exc:  # noqa: BLE001 - a library that imports but cannot start here
-            reasons.append(f"{candidate}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            reasons.append(f"{candidate}: {exception_summary(exc)}")
             continue
         with on_engine_stream(decoder.device):
             why = probe(decoder)

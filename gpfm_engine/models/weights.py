@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from gpfm_engine.errors import WeightsError
+from gpfm_engine.errors import WeightsError, exception_summary
 from gpfm_engine.models.registry import ModelCfg, get_model_cfg
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def _from_hub(cfg: ModelCfg, allow_download: bool | None) -> ResolvedWeights | N
     try:
         return ResolvedWeights(Path(hf_hub_download(cfg.hf_repo, cfg.hf_filename)), "hf-download")
     except Exception as exc:  # noqa: BLE001 - gated repo, no network, missing file: one message
-        raise WeightsError(f"hf://{cfg.hf_repo}/{cfg.hf_filename}: download failed: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise WeightsError(f"hf://{cfg.hf_repo}/{cfg.hf_filename}: download failed: {exception_summary(exc)}") from exc
 
 
 def _missing_message(cfg: ModelCfg) -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpfm_engine.decode.cpu import exception_summary
-from gpfm_engine.errors import MissingExtraError, SlideError
+from gpfm_engine.errors import MissingExtraError, SlideError, exception_summary
 from gpfm_engine.slide import mpp as mpp_parsers
 from gpfm_engine.slide.base import LazyImages, Slide, TileLayout
 from gpfm_engine.slide.tile_cache import TileCache

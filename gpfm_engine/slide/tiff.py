@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from gpfm_engine.decode.cpu import SCALED_JPEG, StreamDecodeError, decode, exception_summary
-from gpfm_engine.errors import SlideError, TileDecodeError
+from gpfm_engine.decode.cpu import SCALED_JPEG, StreamDecodeError, decode
+from gpfm_engine.errors import SlideError, TileDecodeError, exception_summary
 from gpfm_engine.slide.base import LazyImages, Slide, TileLayout, WHITE, downsamples_from_dimensions
 from gpfm_engine.slide.jpeg import JpegTileFixer
 from gpfm_engine.slide.reduced_levels import reduced_levels
