@@ -30,7 +30,7 @@ import torch
 from gpfm_engine import __version__
 from gpfm_engine.backends import choose_backend, torch_options
 from gpfm_engine.cuda_stream import on_engine_stream, resolve_device
-from gpfm_engine.errors import GpfmError
+from gpfm_engine.errors import GpfmError, exception_summary
 from gpfm_engine.gather import PatchGather
 from gpfm_engine.grid import GridParams, make_grid
 from gpfm_engine.models import get_model_cfg
@@ -125,17 +125,17 @@ class Engine:
         self.cfg = get_model_cfg(model)
         self.weights = weights
         self.device = resolve_device(device)
-        self.backend_name = backend
         self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        # resolved once here: the options below depend on it, and the backend is created from it
+        self.backend_name = choose_backend(self.device, self.precision) if backend == "auto" else backend
         self.batch_size = int(batch_size)
         self.workers = int(workers or default_workers())
         self.on_tile_error = on_tile_error
         self.mpp = mpp
         self.decoder_name = decoder
         self._gpu_decoder: Any = None
-        resolved = choose_backend(self.device, self.precision) if backend == "auto" else backend
-        self.backend_options = dict(torch_options(self.device, resolved, self.batch_size, compile, cuda_graphs),
-                                    **(backend_options or {}))
+        options = torch_options(self.device, self.backend_name, self.batch_size, compile, cuda_graphs)
+        self.backend_options = dict(options, **(backend_options or {}))
         self._compile_requested = bool(compile or cuda_graphs)  # explicit: a failure is an error, not a fallback
         geometry = {k: v for k, v in geometry.items() if v is not None}
         if "tissue_threshold" in geometry:
@@ -174,7 +174,7 @@ class Engine:
             with on_engine_stream(self.device):
                 backend.warmup()
         except Exception as exc:  # noqa: BLE001 - inductor/Triton/graph-capture failures have many types
-            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            line = exception_summary(exc)
             if self._compile_requested:
                 raise GpfmError(f"torch.compile / CUDA graphs of {self.model_name} failed: {line}") from exc
             log.warning("torch.compile / CUDA graphs of %s failed (%s); running the model eagerly", self.model_name, line)
