@@ -286,19 +286,17 @@ def mask_thumbnail(thumbnail: Any, mpp_um: MPP, params: TissueParams | None = No
     tensors on torch's current stream (outputs are then CUDA tensors).
     """
     args = _segment_args(params or TissueParams(), tuple(mpp_um))
-    if isinstance(thumbnail, np.ndarray):  # the common case, without probing for a device attribute
+    if not _is_cuda(thumbnail):
         return _core.segment_tissue(np.ascontiguousarray(thumbnail), None, None, None, *args)
-    if _is_cuda(thumbnail):
-        import torch
+    import torch
 
-        h, w = thumbnail.shape[:2]
-        mask = torch.empty((h, w), dtype=torch.uint8, device=thumbnail.device)
-        integral = torch.empty((h + 1, w + 1), dtype=torch.int32, device=thumbnail.device)
-        level = torch.empty(1, dtype=torch.int32, device=thumbnail.device)
-        stream = torch.cuda.current_stream(thumbnail.device).cuda_stream
-        _core.segment_tissue(thumbnail, mask, integral, level, *args, stream)
-        return mask, integral, int(level.item())
-    return _core.segment_tissue(np.ascontiguousarray(thumbnail), None, None, None, *args)
+    h, w = thumbnail.shape[:2]
+    mask = torch.empty((h, w), dtype=torch.uint8, device=thumbnail.device)
+    integral = torch.empty((h + 1, w + 1), dtype=torch.int32, device=thumbnail.device)
+    level = torch.empty(1, dtype=torch.int32, device=thumbnail.device)
+    stream = torch.cuda.current_stream(thumbnail.device).cuda_stream
+    _core.segment_tissue(thumbnail, mask, integral, level, *args, stream)
+    return mask, integral, int(level.item())
 
 
 def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float | None = None,
@@ -323,4 +321,5 @@ def segment_tissue(slide: Any, params: TissueParams | None = None, *, mpp: float
 
 
 def _is_cuda(array: Any) -> bool:
-    return bool(getattr(array, "is_cuda", False))
+    # NumPy arrays first: the attribute probe raises and catches AttributeError on them
+    return not isinstance(array, np.ndarray) and bool(getattr(array, "is_cuda", False))

@@ -29,9 +29,9 @@ def buckets_for(batch_size: int) -> tuple[int, ...]:
     """Batch buckets for a pipeline that sends full batches of ``batch_size`` and one partial batch
     per slide: a quarter of the batch size (when that is at least 16 rows) and the batch size.
 
-    Each bucket costs one compilation and one captured graph (made when first needed: tens of
-    seconds for ViT-L); two buckets bound the padding of a slide's last batch to under 3/4 of a
-    batch, a few per cent of a slide's thousands of patches.
+    Each bucket costs one compilation and one captured graph (made by ``warmup`` before the first
+    slide: tens of seconds for ViT-L); two buckets bound the padding of a slide's last batch to
+    under 3/4 of a batch, a few per cent of a slide's thousands of patches.
     """
     if batch_size < 1:
         raise GpfmError(f"batch size must be positive, got {batch_size}")
