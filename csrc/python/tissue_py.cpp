@@ -19,7 +19,9 @@ namespace gpfm::py_glue {
 
 namespace {
 
+#ifdef GPFM_WITH_CUDA
 void* cuda_stream(intptr_t stream) { return reinterpret_cast<void*>(stream == -1 ? 0 : stream); }
+#endif
 
 void check_size(int64_t h, int64_t w, const char* name) {
   if (h < 1 || w < 1 || h * w >= std::numeric_limits<int32_t>::max())
