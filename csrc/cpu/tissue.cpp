@@ -340,10 +340,25 @@ void close_or_open(uint64_t* bits, uint64_t* scratch, int64_t h, int64_t w, int 
   morph_once(scratch, bits, h, w, k, close);
 }
 
+// Union-find over the runs of rows [0, h), then every run's root, area and border flag. Shared:
+// whether rows run on several threads (atomics) or in one task (plain stores).
+template <bool Shared>
+void label_runs(const int32_t* row_begin, const int32_t* start, const int32_t* end, int64_t h, int64_t w, bool conn8,
+                int32_t* parent, int32_t* label, int32_t* area, int32_t* border) {
+  const int hi = static_cast<int>(h), wi = static_cast<int>(w);
+  for_rows(h, w, [&](int y) {
+    if (y > 0) merge_rows<Shared>(start, end, row_begin[y], row_begin[y + 1], row_begin[y - 1], row_begin[y], conn8, parent);
+  });
+  for_rows(h, w, [&](int y) {
+    for (int32_t i = row_begin[y]; i < row_begin[y + 1]; ++i)
+      accumulate_run<Shared>(parent, start, end, i, y, hi, wi, label, area, border);
+  });
+}
+
 // Flips the components of `color` that `flips` selects (see gpfm/tissue.h), packed src -> dst.
 void component_pass(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, uint8_t color, bool conn8,
                     int64_t min_area) {
-  const int hi = static_cast<int>(h), wi = static_cast<int>(w);
+  const int wi = static_cast<int>(w);
   const int64_t nw = words_for(wi);
   if (min_area <= 0) {  // nothing can flip: skip the labelling
     std::memcpy(dst, src, sizeof(uint64_t) * h * nw);
@@ -352,24 +367,23 @@ void component_pass(const uint64_t* src, uint64_t* dst, int64_t h, int64_t w, ui
   std::vector<int32_t> row_begin(h + 1, 0);
   for_rows(h, w, [&](int y) { row_begin[y + 1] = count_runs(src + y * nw, wi, color); });
   for (int64_t y = 0; y < h; ++y) row_begin[y + 1] += row_begin[y];
-  const int32_t total = row_begin[h];
-  std::vector<int32_t> start(total), end(total), parent(total), label(total), area(total, 0), border(total, 0);
+  const int64_t total = row_begin[h];
+  // One block for the six per-run arrays; only area and border need zeros.
+  std::unique_ptr<int32_t[]> runs(new int32_t[6 * total]);
+  int32_t *start = runs.get(), *end = start + total, *parent = end + total, *label = parent + total;
+  int32_t *area = label + total, *border = area + total;
+  std::fill(area, area + 2 * total, 0);
   for_rows(h, w, [&](int y) {
-    fill_runs(src + y * nw, wi, color, start.data() + row_begin[y], end.data() + row_begin[y]);
+    fill_runs(src + y * nw, wi, color, start + row_begin[y], end + row_begin[y]);
     for (int32_t i = row_begin[y]; i < row_begin[y + 1]; ++i) parent[i] = i;
   });
+  if (h <= row_grain(w))  // for_rows runs every row in one task
+    label_runs<false>(row_begin.data(), start, end, h, w, conn8, parent, label, area, border);
+  else
+    label_runs<true>(row_begin.data(), start, end, h, w, conn8, parent, label, area, border);
   for_rows(h, w, [&](int y) {
-    if (y > 0)
-      merge_rows(start.data(), end.data(), row_begin[y], row_begin[y + 1], row_begin[y - 1], row_begin[y], conn8,
-                 parent.data());
-  });
-  for_rows(h, w, [&](int y) {
-    for (int32_t i = row_begin[y]; i < row_begin[y + 1]; ++i)
-      accumulate_run(parent.data(), start.data(), end.data(), i, y, hi, wi, label.data(), area.data(), border.data());
-  });
-  for_rows(h, w, [&](int y) {
-    paint_row(src + y * nw, dst + y * nw, wi, color, start.data(), end.data(), label.data(), area.data(), border.data(),
-              row_begin[y], row_begin[y + 1], min_area);
+    paint_row(src + y * nw, dst + y * nw, wi, color, start, end, label, area, border, row_begin[y], row_begin[y + 1],
+              min_area);
   });
 }
 

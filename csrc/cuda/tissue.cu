@@ -138,7 +138,7 @@ __global__ void merge_rows_kernel(const int32_t* row_begin, const int32_t* start
   merge_rows(start, end, row_begin[y], row_begin[y + 1], row_begin[y - 1], row_begin[y], conn8, parent);
 }
 
-__global__ void accumulate_kernel(const int32_t* row_begin, const int32_t* parent, const int32_t* start,
+__global__ void accumulate_kernel(const int32_t* row_begin, int32_t* parent, const int32_t* start,
                                   const int32_t* end, int h, int w, int32_t* label, int32_t* area, int32_t* border) {
   const int y = blockIdx.x * blockDim.x + threadIdx.x;
   if (y >= h) return;

@@ -51,32 +51,52 @@ GPFM_HD int ctz64(uint64_t v) {  // v != 0
 }
 
 // ---- atomics: device atomics on the GPU, GCC builtins on the CPU threads ------------------------
+// Shared = false is for memory that one thread owns (a CPU pass run as a single task): plain
+// loads and stores, since locked instructions would be most of the work of a small thumbnail's
+// component labelling.
 
+template <bool Shared = true>
 GPFM_HD int32_t atomic_min_i32(int32_t* p, int32_t v) {
+  if constexpr (!Shared) {
+    const int32_t old = *p;
+    if (v < old) *p = v;
+    return old;
+  } else {
 #if defined(__CUDA_ARCH__)
-  return atomicMin(reinterpret_cast<int*>(p), v);
+    return atomicMin(reinterpret_cast<int*>(p), v);
 #else
-  int32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    int32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+#endif
   }
-  return old;
-#endif
 }
 
+template <bool Shared = true>
 GPFM_HD void atomic_add_i32(int32_t* p, int32_t v) {
+  if constexpr (!Shared) {
+    *p += v;
+  } else {
 #if defined(__CUDA_ARCH__)
-  atomicAdd(reinterpret_cast<int*>(p), v);
+    atomicAdd(reinterpret_cast<int*>(p), v);
 #else
-  __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 #endif
+  }
 }
 
+template <bool Shared = true>
 GPFM_HD void atomic_or_i32(int32_t* p, int32_t v) {
+  if constexpr (!Shared) {
+    *p |= v;
+  } else {
 #if defined(__CUDA_ARCH__)
-  atomicOr(reinterpret_cast<int*>(p), v);
+    atomicOr(reinterpret_cast<int*>(p), v);
 #else
-  __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+    __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
 #endif
+  }
 }
 
 // Unfused double arithmetic: nvcc would otherwise contract a*b+c into an FMA on the device and the
@@ -655,20 +675,36 @@ GPFM_HD int32_t uf_find(const int32_t* parent, int32_t i) {
   }
 }
 
+// The root of run i. A forest that one thread owns also has the walked path halved (each node
+// re-pointed to its grandparent), which keeps later walks short; roots stay the same.
+template <bool Shared>
+GPFM_HD int32_t uf_root(int32_t* parent, int32_t i) {
+  if constexpr (Shared) {
+    return uf_find(parent, i);
+  } else {
+    while (parent[i] != i) {
+      parent[i] = parent[parent[i]];
+      i = parent[i];
+    }
+    return i;
+  }
+}
+
 // Lock-free union (Playne & Hawick 2018): the larger root is linked under the smaller with an
 // atomic min. If another thread linked it first (to `old`), the min has moved it under the
 // smaller of the two, and the union goes on with `old` so that link is not lost.
+template <bool Shared = true>
 GPFM_HD void uf_union(int32_t* parent, int32_t a, int32_t b) {
   while (true) {
-    a = uf_find(parent, a);
-    b = uf_find(parent, b);
+    a = uf_root<Shared>(parent, a);
+    b = uf_root<Shared>(parent, b);
     if (a == b) return;
     if (a > b) {
       const int32_t t = a;
       a = b;
       b = t;
     }
-    const int32_t old = atomic_min_i32(&parent[b], a);
+    const int32_t old = atomic_min_i32<Shared>(&parent[b], a);
     if (old == b) return;
     b = old;
   }
@@ -676,23 +712,25 @@ GPFM_HD void uf_union(int32_t* parent, int32_t a, int32_t b) {
 
 // Unions the runs of row y ([a0, a1)) with those of row y - 1 ([b0, b1)) that touch them:
 // sharing a column (4-connectivity) or also diagonally (8-connectivity).
+template <bool Shared = true>
 GPFM_HD void merge_rows(const int32_t* start, const int32_t* end, int32_t a0, int32_t a1, int32_t b0, int32_t b1,
                         bool conn8, int32_t* parent) {
   const int32_t slack = conn8 ? 1 : 0;
   while (a0 < a1 && b0 < b1) {
-    if (start[b0] < end[a0] + slack && start[a0] < end[b0] + slack) uf_union(parent, a0, b0);
+    if (start[b0] < end[a0] + slack && start[a0] < end[b0] + slack) uf_union<Shared>(parent, a0, b0);
     if (end[a0] <= end[b0]) ++a0;
     else ++b0;
   }
 }
 
 // Adds run i of row y to its component's area and border flag (label[i] = its root).
-GPFM_HD void accumulate_run(const int32_t* parent, const int32_t* start, const int32_t* end, int32_t i, int y, int h,
-                            int w, int32_t* label, int32_t* area, int32_t* border) {
-  const int32_t root = uf_find(parent, i);
+template <bool Shared = true>
+GPFM_HD void accumulate_run(int32_t* parent, const int32_t* start, const int32_t* end, int32_t i, int y, int h, int w,
+                            int32_t* label, int32_t* area, int32_t* border) {
+  const int32_t root = uf_root<Shared>(parent, i);
   label[i] = root;
-  atomic_add_i32(&area[root], end[i] - start[i]);
-  if (y == 0 || y == h - 1 || start[i] == 0 || end[i] == w) atomic_or_i32(&border[root], 1);
+  atomic_add_i32<Shared>(&area[root], end[i] - start[i]);
+  if (y == 0 || y == h - 1 || start[i] == 0 || end[i] == w) atomic_or_i32<Shared>(&border[root], 1);
 }
 
 // Whether a component of `color` changes colour: tissue (1) smaller than min_area disappears;
