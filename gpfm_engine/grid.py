@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpfm_engine import _core
-from gpfm_engine.tissue import (LEVEL_MPP_TOLERANCE, TissueMask, finest_level_at_most, level_mpp, segment_tissue,
-                                slide_mpp, slide_path)
+from gpfm_engine.tissue import (LEVEL_MPP_TOLERANCE, TissueMask, finest_level_at_most, segment_tissue, slide_mpp,
+                                slide_path)
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +125,13 @@ def make_grid(slide: Any, mask: TissueMask | None = None, params: GridParams | N
     size_int = max(1, round(size))
     level = finest_level_at_most(slide, target_mpp, mpp0)
     stride = size * (1.0 - params.overlap)
-    width, height = slide.level_dimensions[0]
+    dims = slide.level_dimensions
+    width, height = dims[0]
     geometry = dict(
         read_level=level,
         patch_size_level0=size,
         patch_size_level0_int=size_int,
-        patch_size_read=size_int * mpp0[0] / level_mpp(slide, level, mpp0)[0],
+        patch_size_read=size_int * dims[level][0] / width,  # level_mpp's size ratio, without the µm
         stride_level0=stride,
         mpp_level0=mpp0[0],
         mpp_target=target_mpp,

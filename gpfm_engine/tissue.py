@@ -180,9 +180,13 @@ def level_mpp(slide: Any, level: int, mpp0: MPP) -> MPP:
 
 def finest_level_at_most(slide: Any, target_mpp: float, mpp0: MPP) -> int:
     """The coarsest level whose x mpp is <= ``target_mpp`` (within tolerance); 0 if none is."""
+    # One pass over the sizes, not level_mpp per level: this runs once per slide on paths where a
+    # small thumbnail's whole mask + grid costs a few hundred microseconds.
+    dims = slide.level_dimensions
+    mpp_w0, limit = mpp0[0] * dims[0][0], target_mpp * (1 + LEVEL_MPP_TOLERANCE)
     best = 0
-    for level in range(slide.level_count):
-        if level_mpp(slide, level, mpp0)[0] <= target_mpp * (1 + LEVEL_MPP_TOLERANCE):
+    for level, (width, _) in enumerate(dims):
+        if mpp_w0 / width <= limit:
             best = level
     return best
 
