@@ -279,3 +279,18 @@ def test_bad_arguments_are_value_errors() -> None:
         _core.median_blur(plane, readonly, 3)
     with pytest.raises(ValueError, match="int32"):
         _core.integral_image(plane, np.zeros((5, 5), np.int64))
+
+
+def test_numbers_in_a_foreign_byte_order_are_refused_not_misread() -> None:
+    """A big-endian int32 table (NumPy dtype '>i4', or a buffer whose format says so) would be read
+    as garbage counts; it is refused like any other wrong dtype, whichever way it arrives."""
+    foreign = np.zeros((5, 5), np.dtype(np.int32).newbyteorder())
+    with pytest.raises(ValueError, match="int32"):
+        _core.integral_image(np.zeros((4, 4), np.uint8), foreign)
+    with pytest.raises(ValueError, match="int32"):
+        _core.patch_grid(memoryview(foreign), 100, 100, 10.0, 10.0, 25.0, 25.0, 0.25)
+    native = np.zeros((5, 5), np.int32)
+    _core.integral_image(np.ones((4, 4), np.uint8), native)
+    assert native[-1, -1] == 16
+    coords, _ = _core.patch_grid(memoryview(native), 100, 100, 100.0, 100.0, 25.0, 25.0, 0.25)
+    assert coords.tolist() == [[0, 0]]

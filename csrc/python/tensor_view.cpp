@@ -34,7 +34,13 @@ ScalarKind kind_from_dlpack(const dlpack::DataType& t) {
   return ScalarKind::Other;
 }
 
+// The byte-order mark of numbers whose order is not the host's, in NumPy dtypes and buffer formats
+// ('!', network order, is big-endian too).
+constexpr bool kLittleEndianHost = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+constexpr char kForeignOrder = kLittleEndianHost ? '>' : '<';
+
 ScalarKind kind_from_format(const std::string& f, ssize_t itemsize) {
+  if (f.size() > 1 && (f[0] == kForeignOrder || (kLittleEndianHost && f[0] == '!'))) return ScalarKind::Other;
   const char c = f.empty() ? '?' : f.back();
   if (itemsize == 1 && (c == 'B')) return ScalarKind::U8;
   if (itemsize == 4 && c == 'f') return ScalarKind::F32;
@@ -42,6 +48,44 @@ ScalarKind kind_from_format(const std::string& f, ssize_t itemsize) {
   if (itemsize == 8 && (c == 'q' || c == 'l')) return ScalarKind::I64;
   if (itemsize == 4 && (c == 'i' || c == 'l')) return ScalarKind::I32;
   return ScalarKind::Other;
+}
+
+// NumPy's dtype kind letter and item size; a byte order other than the host's is refused (the
+// kernels read native numbers).
+ScalarKind kind_from_numpy(const py::dtype& dt) {
+  if (dt.byteorder() == kForeignOrder) return ScalarKind::Other;
+  const char kind = dt.kind();
+  const ssize_t size = dt.itemsize();
+  if (kind == 'u' && size == 1) return ScalarKind::U8;
+  if (kind == 'f' && size == 4) return ScalarKind::F32;
+  if (kind == 'f' && size == 2) return ScalarKind::F16;
+  if (kind == 'i' && size == 8) return ScalarKind::I64;
+  if (kind == 'i' && size == 4) return ScalarKind::I32;
+  return ScalarKind::Other;
+}
+
+// Element strides from byte strides.
+int64_t element_stride(ssize_t bytes, ssize_t itemsize) {
+  if (bytes % itemsize != 0) throw py::value_error("strides that are not a multiple of the item size");
+  return bytes / itemsize;
+}
+
+// A NumPy array read straight from the array object. The buffer protocol would have NumPy build
+// a format string and a buffer_info on every call: on a small thumbnail, code run once per call
+// costs more than the pixels (each cold entry point is microseconds after a cache flush).
+TensorView from_numpy(const py::array& a) {
+  TensorView v;
+  v.data = const_cast<void*>(a.data());
+  v.readonly = !a.writeable();
+  const py::dtype dt = a.dtype();
+  v.itemsize = static_cast<int>(dt.itemsize());
+  v.kind = kind_from_numpy(dt);
+  for (ssize_t i = 0; i < a.ndim(); ++i) {
+    v.shape.push_back(a.shape(i));
+    v.strides.push_back(element_stride(a.strides(i), v.itemsize));
+  }
+  v.keepalive = a;
+  return v;
 }
 
 TensorView from_buffer(const py::handle& obj) {
@@ -54,8 +98,7 @@ TensorView from_buffer(const py::handle& obj) {
   v.kind = kind_from_format(info.format, info.itemsize);
   for (ssize_t i = 0; i < info.ndim; ++i) {
     v.shape.push_back(info.shape[i]);
-    if (info.strides[i] % info.itemsize != 0) throw py::value_error("strides that are not a multiple of the item size");
-    v.strides.push_back(info.strides[i] / info.itemsize);
+    v.strides.push_back(element_stride(info.strides[i], info.itemsize));
   }
   v.keepalive = py::reinterpret_borrow<py::object>(obj);
   return v;
@@ -113,9 +156,9 @@ std::string TensorView::describe() const {
 
 TensorView view_of(const py::handle& obj, const char* name, intptr_t stream) {
   try {
-    // NumPy arrays are host memory: straight to the buffer protocol, without the DLPack attribute
-    // probes below, which cost more than the kernel itself on a small thumbnail.
-    if (py::isinstance<py::array>(obj)) return from_buffer(obj);
+    // NumPy arrays are host memory: read directly, without the DLPack attribute probes below,
+    // which cost more than the kernel itself on a small thumbnail.
+    if (py::isinstance<py::array>(obj)) return from_numpy(py::reinterpret_borrow<py::array>(obj));
     bool cuda = false;
     const bool has_dlpack = py::hasattr(obj, "__dlpack__");
     if (py::hasattr(obj, "__dlpack_device__")) {
