@@ -172,16 +172,9 @@ def slide_mpp(slide: Any, mpp: float | None = None) -> MPP:
     return (float(native[0]), float(native[1]))
 
 
-def level_mpp(slide: Any, level: int, mpp0: MPP) -> MPP:
-    """µm per pixel of ``level`` from its exact size ratio to level 0 (as ``Slide.level_mpp``)."""
-    (w0, h0), (w, h) = slide.level_dimensions[0], slide.level_dimensions[level]
-    return (mpp0[0] * w0 / w, mpp0[1] * h0 / h)
-
-
 def finest_level_at_most(slide: Any, target_mpp: float, mpp0: MPP) -> int:
-    """The coarsest level whose x mpp is <= ``target_mpp`` (within tolerance); 0 if none is."""
-    # One pass over the sizes, not level_mpp per level: this runs once per slide on paths where a
-    # small thumbnail's whole mask + grid costs a few hundred microseconds.
+    """The coarsest level whose x mpp is <= ``target_mpp`` (within tolerance); 0 if none is. A
+    level's mpp comes from its exact width ratio to level 0 (as ``Slide.level_mpp``)."""
     dims = slide.level_dimensions
     mpp_w0, limit = mpp0[0] * dims[0][0], target_mpp * (1 + LEVEL_MPP_TOLERANCE)
     best = 0
